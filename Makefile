@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine that has only Python:
+#   make demo   - create .venv, install jaxdeq, train a DEQ on scikit-learn's digits
+#   make test   - create the same environment and run the whole suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_WORKERS ?= 2
+
+.PHONY: venv demo test test-slow lint format bench bench-tiny clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m jaxdeq.examples.digits --out outputs/demo
+
+test: venv
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m slow tests
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: venv
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: venv
+	$(BIN)/python benchmarks/run_all.py
+
+bench-tiny: venv
+	$(BIN)/python benchmarks/run_all.py --tiny
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs

@@ -1,0 +1,32 @@
+"""The ps/st layer protocol shared by every layer, container and DEQ model."""
+
+import abc
+from typing import Any
+
+import equinox as eqx
+from jaxtyping import PRNGKeyArray, PyTree
+
+
+class AbstractLayer(eqx.Module):
+    """A layer in the Lux ps/st style.
+
+    A layer is an immutable description holding configuration only; its parameters
+    `ps` and its state `st` are pytrees that live outside it:
+
+    ```python
+    ps, st = layer.init(key, x)     # x: a sample input, used for shapes and dtypes
+    y, st = layer.apply(ps, st, x)  # pure
+    ```
+
+    Layers without parameters or state return `{}` for them. `apply` returns `st`
+    with the same structure, shapes and dtypes it was given, so a jitted training
+    step compiles once and `lax.scan` can carry it.
+    """
+
+    @abc.abstractmethod
+    def init(self, key: PRNGKeyArray, x: Any) -> tuple[PyTree, PyTree]:
+        """Create `(ps, st)` for inputs shaped like `x`."""
+
+    @abc.abstractmethod
+    def apply(self, ps: PyTree, st: PyTree, x: Any) -> tuple[Any, PyTree]:
+        """Apply the layer: returns `(y, st)`."""
