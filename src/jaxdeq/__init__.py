@@ -1,3 +1,21 @@
 """jaxdeq: deep equilibrium models in JAX."""
 
+from . import nn as nn
+from ._adjoint import (
+    AbstractAdjoint as AbstractAdjoint,
+    ImplicitAdjoint as ImplicitAdjoint,
+    OneStepGradient as OneStepGradient,
+    PhantomGradient as PhantomGradient,
+    UnrolledAdjoint as UnrolledAdjoint,
+)
+from ._deq import (
+    DeepEquilibriumNetwork as DeepEquilibriumNetwork,
+    SkipDeepEquilibriumNetwork as SkipDeepEquilibriumNetwork,
+)
+from ._regularization import jacobian_frobenius_estimate as jacobian_frobenius_estimate
+from ._solution import (
+    RESULTS as RESULTS,
+    DeepEquilibriumSolution as DeepEquilibriumSolution,
+)
+
 __version__ = "0.1.0"

@@ -1,0 +1,229 @@
+"""DeepEquilibriumNetwork and SkipDeepEquilibriumNetwork."""
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
+from .nn._core import AbstractLayer
+
+INIT_MODES = ("zeros", "skip_reg", "layer")
+
+
+def _check_input(x: Any) -> None:
+    leaves = jtu.tree_leaves(x)
+    if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
+        raise ValueError(
+            "x: expected a batch-first array (or pytree of arrays) with a leading "
+            f"batch axis, got {jax.eval_shape(lambda: x)}"
+        )
+    batch = {jnp.shape(leaf)[0] for leaf in leaves}
+    if len(batch) != 1:
+        raise ValueError(f"x: every leaf needs the same batch size, got {batch}")
+
+
+def _resolve_init(init) -> tuple[str, AbstractLayer | None]:
+    if init is None:
+        return "skip_reg", None
+    if isinstance(init, str):
+        if init != "zeros":
+            raise ValueError(
+                "init: expected 'zeros', None (skip-reg: z0 = f(0, x)) or a layer, "
+                f"got {init!r}"
+            )
+        return "zeros", None
+    if isinstance(init, AbstractLayer):
+        return "layer", init
+    raise TypeError(
+        f"init: expected 'zeros', None or a jaxdeq.nn layer, got {type(init).__name__}"
+    )
+
+
+class DeepEquilibriumNetwork(AbstractLayer):
+    """Deep equilibrium network (Bai et al., 2019; Pal et al., 2022): the output is
+    the fixed point `z* = f(z*, x)` of the cell `f`, found by an optimistix
+    root-finder or fixed-point solver or a diffrax steady-state solve, and
+    differentiated implicitly.
+
+    **Arguments:**
+
+    - `model`: the cell, a layer applied to the tuple `(z, x)`, e.g.
+        `nn.Parallel(jnp.add, nn.Dense(d, d), nn.Dense(d, d))` for `W1 z + W2 x`.
+    - `solver`: any optimistix root-finder (`optx.Newton`, `optx.Chord`, ...) or
+        fixed-point solver (`optx.FixedPointIteration`, `jaxdeq.Anderson`,
+        `jaxdeq.Broyden`), or any diffrax solver (`diffrax.Tsit5()`, ...).
+    - `init`: `"zeros"` (`z0 = 0` shaped like `x`), `None` (skip-reg: `z0 = f(0, x)`),
+        or a layer (Skip DEQ: `z0 = init(x)`; the state may then differ in shape
+        from `x`).
+    - `jacobian_regularization`: `None`, `"forward"`, `"reverse"` or
+        `"finite_difference"`: the Hutchinson estimate of `||J_f(z*)||_F^2 / numel`
+        by a JVP, a VJP or central differences, in `solution.jacobian_loss`, with a
+        fresh Gaussian probe at every call.
+    - `problem_type`: `"steady_state"`, or `"ode"` for a neural ODE
+        `dz/dt = f(z, x) - z` on `[0, 1]` (needs a diffrax solver), returning `z(1)`.
+    - `adjoint`: the gradient mode: `jaxdeq.ImplicitAdjoint()` (default),
+        `jaxdeq.PhantomGradient`, `jaxdeq.OneStepGradient` or
+        `jaxdeq.UnrolledAdjoint`.
+    - `max_steps`: the step cap of the solve (static; `apply(..., max_steps=n)` lowers
+        it per call without recompiling).
+    - `fixed_depth`: if `> 0`, apply `f` exactly that many times from `z0` with plain
+        backpropagation instead of solving (pretraining); `nfe == fixed_depth`.
+    - `joint_solve`: `False` (default) solves each sample as its own problem (a
+        `vmap` over the batch: per-sample convergence, nfe and residual; the batch
+        runs until its slowest sample stops, finished samples frozen). `True` solves
+        the whole batch as one problem, for cells that couple samples (BatchNorm).
+    - `trace`: record per-iteration residual norms in `solution.trace`.
+    - `**solver_options`: for diffrax solvers `rtol`, `atol` (steady-state test and
+        the default `PIDController`), `dt0`, `stepsize_controller`; for optimistix
+        solvers `options` (their tolerances live on the solver). Unknown options are
+        an error.
+
+    **Inputs:** `x`, batch-first.
+
+    **Returns:** `(z*, st)`; `st["solution"]` is a [`jaxdeq.DeepEquilibriumSolution`][].
+
+    **Parameters:** `{"model": ..., "init": ...}` (`"init"` only with an init layer).
+
+    **States:** `{"model": ..., "init": ..., "key": ..., "solution": ...}`: the key
+    is advanced by every `apply` (fresh Jacobian-regularization probes).
+
+    **Example:**
+
+    ```python
+    >>> import jax, jax.numpy as jnp, diffrax, jaxdeq
+    >>> from jaxdeq import nn
+    >>> model = jaxdeq.DeepEquilibriumNetwork(
+    ...     nn.Parallel(jnp.add, nn.Dense(2, 2, use_bias=False),
+    ...                 nn.Dense(2, 2, use_bias=False)),
+    ...     diffrax.Tsit5())
+    >>> ps, st = model.init(jax.random.key(0), jnp.ones((1, 2)))
+    >>> y, st = model.apply(ps, st, jnp.ones((1, 2)))
+    >>> y.shape
+    (1, 2)
+
+    ```
+    """
+
+    model: AbstractLayer
+    init_layer: AbstractLayer | None
+    init_mode: Literal["zeros", "skip_reg", "layer"]
+    config: EquilibriumConfig
+
+    def __init__(
+        self,
+        model: AbstractLayer,
+        solver: Any,
+        *,
+        init: Literal["zeros"] | AbstractLayer | None = "zeros",
+        jacobian_regularization: str | None = None,
+        problem_type: str = "steady_state",
+        adjoint=None,
+        max_steps: int = 32,
+        fixed_depth: int = 0,
+        joint_solve: bool = False,
+        trace: bool = False,
+        **solver_options,
+    ):
+        if not isinstance(model, AbstractLayer):
+            raise TypeError(
+                "model: expected a jaxdeq.nn layer (wrap Flax/Equinox modules with "
+                f"nn.from_flax / nn.from_equinox), got {type(model).__name__}"
+            )
+        self.model = model
+        self.init_mode, self.init_layer = _resolve_init(init)
+        self.config = EquilibriumConfig(
+            solver,
+            jacobian_regularization=jacobian_regularization,
+            problem_type=problem_type,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            fixed_depth=fixed_depth,
+            joint_solve=joint_solve,
+            trace=trace,
+            **solver_options,
+        )
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.max_steps
+
+    def _cell(self, ps, st, z, x):
+        return self.model.apply(ps, st, (z, x))
+
+    def _initial_state(self, ps, st, x):
+        """`(u0, z0, init layer state)`."""
+        if self.init_mode == "layer":
+            u0, st_init = self.init_layer.apply(ps["init"], st["init"], x)
+            return u0, u0, st_init
+        zeros = jtu.tree_map(jnp.zeros_like, x)
+        if self.init_mode == "zeros":
+            return zeros, zeros, None
+        u0, _ = self._cell(ps["model"], st["model"], zeros, x)
+        return u0, u0, None
+
+    def init(self, key: PRNGKeyArray, x: Array) -> tuple[PyTree, PyTree]:
+        _check_input(x)
+        model_key, init_key, state_key = jax.random.split(key, 3)
+        ps, st = {}, {}
+        if self.init_mode == "layer":
+            ps["init"], st["init"] = self.init_layer.init(init_key, x)
+            z = self.init_layer.apply(ps["init"], st["init"], x)[0]
+        else:
+            z = jtu.tree_map(jnp.zeros_like, x)
+        ps["model"], st["model"] = self.model.init(model_key, (z, x))
+        st["key"] = state_key
+        st["solution"] = None
+        solution = jax.eval_shape(lambda: self.apply(ps, st, x)[1]["solution"])
+        st["solution"] = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), solution)
+        return ps, st
+
+    def apply(
+        self, ps: PyTree, st: PyTree, x: Array, *, max_steps: int | Array | None = None
+    ) -> tuple[Array, PyTree]:
+        _check_input(x)
+        key, probe_key = jax.random.split(st["key"])
+        u0, z0, st_init = self._initial_state(ps, st, x)
+        check_cell_output(self._cell, ps["model"], st["model"], z0, x)
+        z, st_model, solution = solve_equilibrium(
+            self.config,
+            self._cell,
+            ps["model"],
+            st["model"],
+            x,
+            u0,
+            z0,
+            probe_key,
+            max_steps,
+        )
+        new_st = dict(st, model=st_model, key=key, solution=solution)
+        if st_init is not None:
+            new_st["init"] = st_init
+        return z, new_st
+
+
+def SkipDeepEquilibriumNetwork(
+    model: AbstractLayer, init: AbstractLayer | None, solver: Any, **kwargs
+) -> DeepEquilibriumNetwork:
+    """Skip DEQ (Pal et al., 2022): a [`jaxdeq.DeepEquilibriumNetwork`][] whose
+    initial state is predicted by the layer `init` (`z0 = init(x)`, trained through
+    skip losses on `solution.u0`); with `init=None` it is the skip-reg variant,
+    `z0 = f(0, x)`. Keyword arguments are those of `DeepEquilibriumNetwork`.
+
+    **Example:**
+
+    ```python
+    >>> import jax, jax.numpy as jnp, optimistix as optx, jaxdeq
+    >>> from jaxdeq import nn
+    >>> cell = nn.Parallel(jnp.add, nn.Dense(3, 3, activation=jnp.tanh), nn.Dense(3, 3))
+    >>> model = jaxdeq.SkipDeepEquilibriumNetwork(
+    ...     cell, nn.Dense(3, 3), optx.Newton(rtol=1e-5, atol=1e-5))
+    >>> ps, st = model.init(jax.random.key(0), jnp.ones((4, 3)))
+    >>> sorted(ps)
+    ['init', 'model']
+
+    ```
+    """
+    return DeepEquilibriumNetwork(model, solver, init=init, **kwargs)

@@ -1,0 +1,65 @@
+"""Small pytree helpers shared by the solve, the adjoints and the models."""
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, PyTree
+
+
+def tree_sub(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(jnp.subtract, a, b)
+
+
+def tree_add(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(jnp.add, a, b)
+
+
+def tree_where(pred: Array, a: PyTree, b: PyTree, *, batched: bool = False) -> PyTree:
+    """`where(pred, a, b)` leafwise; with `batched`, `pred` has shape `(batch,)` and is
+    broadcast over each leaf's trailing axes."""
+
+    def select(x, y):
+        p = pred
+        if batched:
+            p = jnp.reshape(pred, pred.shape + (1,) * (jnp.ndim(x) - 1))
+        return jnp.where(p, x, y)
+
+    return jtu.tree_map(select, a, b)
+
+
+def sample_sq_norm(tree: PyTree[Array], *, batched: bool) -> Array:
+    """Squared 2-norm of a state, per sample: a scalar, or `(batch,)` when `batched`
+    (the leading axis of every leaf is the batch). Accumulates in at least float32."""
+    total = None
+    for leaf in jtu.tree_leaves(tree):
+        leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+        if batched:
+            sq = jnp.sum(jnp.square(leaf).reshape(leaf.shape[0], -1), axis=1)
+        else:
+            sq = jnp.sum(jnp.square(leaf))
+        total = sq if total is None else total + sq
+    return total
+
+
+def tree_all_finite(tree: PyTree[Array], *, batched: bool = False) -> Array:
+    out = None
+    for leaf in jtu.tree_leaves(tree):
+        if batched:
+            ok = jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1)
+        else:
+            ok = jnp.all(jnp.isfinite(leaf))
+        out = ok if out is None else out & ok
+    return out
+
+
+def zero_cotangent(x: PyTree) -> PyTree:
+    """The zero cotangent of a pytree of arrays (`float0` for integer and key leaves)."""
+
+    def zero(leaf):
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.inexact):
+            return jnp.zeros_like(leaf)
+        return np.zeros(np.shape(leaf), dtype=jax.dtypes.float0)
+
+    return jtu.tree_map(zero, x)

@@ -1,0 +1,88 @@
+"""The solution of a DEQ solve and the per-sample outcome codes."""
+
+import enum
+from typing import Any
+
+import equinox as eqx
+from jaxtyping import Array, Float, Int, PyTree
+
+
+class RESULTS(enum.IntEnum):
+    """Per-sample outcome of a fixed-point solve, stored as `int32` arrays.
+
+    Compare with the members directly: `solution.result == jaxdeq.RESULTS.successful`.
+    `RESULTS.message(code)` gives a readable message.
+
+    - `successful`: the solver's tolerance was met.
+    - `max_steps_reached`: the step budget ran out; the lowest-residual iterate seen
+        is returned.
+    - `diverged`: the solver stopped on a failure of its own (divergence, a failed
+        linear solve, an ODE step-size collapse); the lowest-residual iterate seen
+        is returned.
+    - `nonfinite`: the iteration produced NaN or infinity; the lowest-residual finite
+        iterate seen (at worst the initial guess) is returned.
+    """
+
+    successful = 0
+    max_steps_reached = 1
+    diverged = 2
+    nonfinite = 3
+
+    @classmethod
+    def message(cls, code: int) -> str:
+        """A readable message for an outcome code."""
+        return _MESSAGES[cls(int(code))]
+
+
+_MESSAGES = {
+    RESULTS.successful: "converged within tolerance",
+    RESULTS.max_steps_reached: (
+        "the step budget ran out before the tolerance was met; the lowest-residual "
+        "iterate is returned"
+    ),
+    RESULTS.diverged: (
+        "the solver stopped on a failure (divergence or a failed inner solve); the "
+        "lowest-residual iterate is returned"
+    ),
+    RESULTS.nonfinite: (
+        "the iteration produced non-finite values; the lowest-residual finite iterate "
+        "is returned"
+    ),
+}
+
+
+class DeepEquilibriumSolution(eqx.Module):
+    """What a DEQ solve found, stored in `st["solution"]` after `apply`.
+
+    **Fields:**
+
+    - `z_star`: the fixed point (or the state reached when the budget ran out). Carries
+        gradients, as set by the model's `adjoint`.
+    - `u0`: the initial condition of the solve. Carries gradients (to the init layer of
+        a Skip DEQ, or to the cell for skip-reg), so skip losses such as
+        `mean(|z_star - u0|)` train it.
+    - `residual`: `f(z_star, x) - z_star`. Carries gradients.
+    - `jacobian_loss`: the Hutchinson estimate of `||J_f(z_star)||_F^2 / numel` when
+        `jacobian_regularization` is set, else `0`. Carries gradients.
+    - `nfe`: per-sample number of solver steps (cell evaluations for fixed-point
+        solvers; steps for root-finders and ODE solvers), shape `(batch,)`.
+    - `result`: per-sample [`jaxdeq.RESULTS`][] code, shape `(batch,)`.
+    - `residual_norm`: per-sample 2-norm of `residual`, shape `(batch,)`.
+    - `relative_residual_norm`: per-sample `||f(z*) - z*|| / ||f(z*)||`.
+    - `trace`: per-sample, per-iteration residual 2-norms of the evaluated iterates,
+        shape `(batch, max_steps)` (`inf` after a sample stopped), when the model was
+        built with `trace=True`; otherwise `None`.
+    - `original`: the backend's own solution object (`optimistix.Solution` without
+        solver state, or `diffrax.Solution`), batched over samples in per-sample mode.
+    """
+
+    z_star: PyTree[Array]
+    u0: PyTree[Array]
+    residual: PyTree[Array]
+    jacobian_loss: Float[Array, ""]
+    nfe: Int[Array, " batch"]
+    result: Int[Array, " batch"]
+    residual_norm: Float[Array, " batch"]
+    relative_residual_norm: Float[Array, " batch"]
+    trace: Float[Array, "batch steps"] | None
+    original: Any

@@ -1,0 +1,315 @@
+"""Backend dispatch: one forward solve for optimistix solvers and diffrax ODE solvers.
+
+A backend takes the cell `f(z, args)` and returns a `Forward`: the state it reached
+and its per-sample outcome. It knows nothing of models or layers, and nothing of
+gradients: the adjoints in `_adjoint.py` decide how the solve is differentiated.
+
+The optimistix backend runs its own lean `lax.while_loop` around the solver's
+`init`/`step`/`terminate`/`postprocess` (the interface of `optx.fixed_point`), which
+lets it keep the lowest-residual iterate, count steps against a traced budget and
+record a residual trace, for any optimistix root-finder or fixed-point solver.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optimistix as optx
+from jaxtyping import Array, Int, PyTree
+
+from ._misc import sample_sq_norm, tree_all_finite, tree_sub, tree_where
+from ._solution import RESULTS
+
+Cell = Callable[[PyTree[Array], PyTree], PyTree[Array]]
+OPTIMISTIX_SOLVERS = (optx.AbstractRootFinder, optx.AbstractFixedPointSolver)
+
+
+class Forward(eqx.Module):
+    """The outcome of a forward solve (no gradients attached)."""
+
+    z: PyTree[Array]
+    nfe: Int[Array, "*batch"]
+    result: Int[Array, "*batch"]
+    trace: Array | None
+    original: Any
+
+
+def _scan_while_loop(cond_fun, body_fun, init_val, *, max_steps: int):
+    """A reverse-differentiable while loop: `max_steps` scan steps whose state freezes
+    once `cond_fun` is false. Used by `UnrolledAdjoint`."""
+
+    def step(carry, _):
+        keep_going = cond_fun(carry)
+        return tree_where(keep_going, body_fun(carry), carry), None
+
+    return jax.lax.scan(step, init_val, length=max_steps)[0]
+
+
+def _while_loop(cond_fun, body_fun, init_val, *, max_steps: int):
+    del max_steps
+    return jax.lax.while_loop(cond_fun, body_fun, init_val)
+
+
+class OptimistixBackend(eqx.Module):
+    """Runs any optimistix root-finder or fixed-point solver to a fixed point."""
+
+    solver: optx.AbstractRootFinder | optx.AbstractFixedPointSolver
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def solve(
+        self,
+        f: Cell,
+        z0: PyTree[Array],
+        args: PyTree,
+        *,
+        max_steps: int,
+        budget: Int[Array, ""] | None,
+        batched: bool,
+        trace: bool,
+        differentiable: bool = False,
+    ) -> Forward:
+        solver = self.solver
+        options = dict(self.options)
+        tags = frozenset()
+        is_root = isinstance(solver, optx.AbstractRootFinder)
+
+        def fn(y, fn_args):
+            fy = f(y, fn_args)
+            r = tree_sub(fy, y)
+            # aux describes the evaluation point: the loop keeps the best one seen.
+            return (r if is_root else fy), (y, sample_sq_norm(r, batched=batched))
+
+        f_struct, aux_struct = jax.eval_shape(fn, z0, args)
+        state = solver.init(fn, z0, args, options, f_struct, aux_struct, tags)
+        dynamic_state, static_state = eqx.partition(state, eqx.is_array)
+        done, result = solver.terminate(fn, z0, args, options, state, tags)
+        best_sq = jnp.full(aux_struct[1].shape, jnp.inf, aux_struct[1].dtype)
+        limit = max_steps if budget is None else jnp.minimum(budget, max_steps)
+        residual_trace = (
+            jnp.full((max_steps, *best_sq.shape), jnp.inf, best_sq.dtype)
+            if trace
+            else None
+        )
+        carry = (z0, jnp.array(0), dynamic_state, z0, best_sq, done, result)
+        carry = carry + (residual_trace,)
+
+        def cond_fun(c):
+            _, step, _, _, _, done, result, _ = c
+            return ~done & (result == optx.RESULTS.successful) & (step < limit)
+
+        def body_fun(c):
+            y, step, dynamic_state, best_z, best_sq, _, _, residual_trace = c
+            state = eqx.combine(dynamic_state, static_state)
+            y, state, (y_eval, sq) = solver.step(fn, y, args, options, state, tags)
+            done, result = solver.terminate(fn, y, args, options, state, tags)
+            result = optx.RESULTS.where(
+                tree_all_finite(y), result, optx.RESULTS.nonfinite
+            )
+            better = sq < best_sq  # False for NaN: a non-finite iterate is never best
+            best_z = tree_where(better, y_eval, best_z, batched=batched)
+            best_sq = jnp.where(better, sq, best_sq)
+            if residual_trace is not None:
+                residual_trace = residual_trace.at[step].set(jnp.sqrt(sq))
+            dynamic_state, _ = eqx.partition(state, eqx.is_array)
+            return (y, step + 1, dynamic_state, best_z, best_sq, done, result) + (
+                residual_trace,
+            )
+
+        loop = _scan_while_loop if differentiable else _while_loop
+        carry = loop(cond_fun, body_fun, carry, max_steps=max_steps)
+        y, steps, dynamic_state, best_z, best_sq, done, result, residual_trace = carry
+        state = eqx.combine(dynamic_state, static_state)
+        converged = done & (result == optx.RESULTS.successful)
+        ran_out = ~done & (result == optx.RESULTS.successful)
+        y, _, _ = solver.postprocess(
+            fn, y, (best_z, best_sq), args, options, state, tags, result
+        )
+        z = tree_where(converged, y, best_z)
+        code = jnp.where(
+            converged,
+            RESULTS.successful,
+            jnp.where(
+                ran_out,
+                RESULTS.max_steps_reached,
+                jnp.where(
+                    result == optx.RESULTS.nonfinite,
+                    RESULTS.nonfinite,
+                    RESULTS.diverged,
+                ),
+            ),
+        ).astype(jnp.int32)
+        result = optx.RESULTS.where(
+            ran_out, optx.RESULTS.nonlinear_max_steps_reached, result
+        )
+        original = optx.Solution(
+            value=z, result=result, aux=None, stats={"num_steps": steps}, state=None
+        )
+        nfe = steps.astype(jnp.int32)
+        if batched:
+            batch = best_sq.shape
+            nfe = jnp.broadcast_to(nfe, batch)
+            code = jnp.broadcast_to(code, batch)
+            if residual_trace is not None:
+                residual_trace = residual_trace.T
+        return Forward(z, nfe, code, residual_trace, original)
+
+
+class DiffraxBackend(eqx.Module):
+    """Integrates `dz/dt = f(z, x) - z` with a diffrax solver until a steady state
+    (`diffrax.steady_state_event`), or over `[0, 1]` for a neural ODE."""
+
+    solver: diffrax.AbstractSolver
+    rtol: float = 1e-4
+    atol: float = 1e-6
+    dt0: float | None = None
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None
+
+    def _controller(self):
+        if self.stepsize_controller is not None:
+            return self.stepsize_controller
+        if isinstance(self.solver, diffrax.AbstractAdaptiveSolver):
+            return diffrax.PIDController(rtol=self.rtol, atol=self.atol)
+        return diffrax.ConstantStepSize()
+
+    def _dt0(self):
+        if self.dt0 is None and not isinstance(
+            self._controller(), diffrax.PIDController
+        ):
+            raise ValueError(
+                f"dt0: the diffrax solver {type(self.solver).__name__} with a "
+                "constant step size needs an initial step `dt0=...` in the model's "
+                "solver options"
+            )
+        return self.dt0
+
+    def solve(
+        self,
+        f: Cell,
+        z0: PyTree[Array],
+        args: PyTree,
+        *,
+        max_steps: int,
+        budget: int | None,
+        batched: bool,
+        trace: bool,
+        differentiable: bool = False,
+    ) -> Forward:
+        del trace, batched, differentiable  # checked at construction
+        if budget is not None:
+            if not isinstance(budget, int):
+                raise TypeError(
+                    "max_steps: a diffrax solver needs a Python int per-call budget "
+                    "(diffrax's step cap is static); got a traced array"
+                )
+            max_steps = min(budget, max_steps)
+        term = diffrax.ODETerm(lambda t, z, a: tree_sub(f(z, a), z))
+        sol = diffrax.diffeqsolve(
+            term,
+            self.solver,
+            t0=0.0,
+            t1=jnp.inf,
+            dt0=self._dt0(),
+            y0=z0,
+            args=args,
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=self._controller(),
+            event=diffrax.Event(diffrax.steady_state_event(self.rtol, self.atol)),
+            max_steps=max_steps,
+            throw=False,
+        )
+        z = jtu.tree_map(lambda leaf: leaf[0], sol.ys)
+        finite = tree_all_finite(z)
+        code = jnp.where(
+            ~finite,
+            RESULTS.nonfinite,
+            jnp.where(
+                diffrax.is_event(sol.result),
+                RESULTS.successful,
+                jnp.where(
+                    sol.result == diffrax.RESULTS.max_steps_reached,
+                    RESULTS.max_steps_reached,
+                    RESULTS.diverged,
+                ),
+            ),
+        ).astype(jnp.int32)
+        z = tree_where(finite, z, z0)
+        return Forward(z, sol.stats["num_steps"].astype(jnp.int32), code, None, sol)
+
+    def integrate(self, f: Cell, z0: PyTree[Array], args: PyTree, *, max_steps: int):
+        """The neural ODE: `z(1)` of `dz/dt = f(z, x) - z`, `z(0) = z0`,
+        differentiated by diffrax's own adjoint."""
+        term = diffrax.ODETerm(lambda t, z, a: tree_sub(f(z, a), z))
+        sol = diffrax.diffeqsolve(
+            term,
+            self.solver,
+            t0=0.0,
+            t1=1.0,
+            dt0=self._dt0(),
+            y0=z0,
+            args=args,
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=self._controller(),
+            max_steps=max_steps,
+            throw=False,
+        )
+        z = jtu.tree_map(lambda leaf: leaf[0], sol.ys)
+        finite = tree_all_finite(z)
+        code = jnp.where(
+            ~finite,
+            RESULTS.nonfinite,
+            jnp.where(
+                diffrax.is_successful(sol.result),
+                RESULTS.successful,
+                jnp.where(
+                    sol.result == diffrax.RESULTS.max_steps_reached,
+                    RESULTS.max_steps_reached,
+                    RESULTS.diverged,
+                ),
+            ),
+        ).astype(jnp.int32)
+        return z, Forward(z, sol.stats["num_steps"].astype(jnp.int32), code, None, sol)
+
+
+_DIFFRAX_OPTIONS = ("rtol", "atol", "dt0", "stepsize_controller")
+
+
+def make_backend(solver: Any, solver_options: dict[str, Any]):
+    """Pick the backend for `solver`, validating `solver_options` against it."""
+    if isinstance(solver, str):
+        raise TypeError(
+            f"solver: expected an optimistix root-finder or fixed-point solver (e.g. "
+            f"`jaxdeq.Anderson(rtol=1e-4, atol=1e-6)`) or a diffrax solver (e.g. "
+            f"`diffrax.Tsit5()`), got the string {solver!r}"
+        )
+    if isinstance(solver, type):
+        raise TypeError(
+            f"solver: expected a solver instance, got the class {solver.__name__}; "
+            f"call it, e.g. `{solver.__name__}(...)`"
+        )
+    if isinstance(solver, OPTIMISTIX_SOLVERS):
+        unknown = set(solver_options) - {"options"}
+        if unknown:
+            raise TypeError(
+                f"solver options {sorted(unknown)} are not accepted with the "
+                f"optimistix solver {type(solver).__name__}: its tolerances are set "
+                "on the solver itself; the only option is `options=` (a dict passed "
+                "to the solver's init/step)"
+            )
+        options = tuple(sorted(dict(solver_options.get("options", {})).items()))
+        return OptimistixBackend(solver, options)
+    if isinstance(solver, diffrax.AbstractSolver):
+        unknown = set(solver_options) - set(_DIFFRAX_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"solver options {sorted(unknown)} are not accepted with the diffrax "
+                f"solver {type(solver).__name__}; expected some of {_DIFFRAX_OPTIONS}"
+            )
+        return DiffraxBackend(solver, **solver_options)
+    raise TypeError(
+        "solver: expected an optimistix root-finder or fixed-point solver or a "
+        f"diffrax solver, got {type(solver).__name__}"
+    )
