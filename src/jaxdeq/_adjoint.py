@@ -103,8 +103,8 @@ class ImplicitAdjoint(AbstractAdjoint):
             )
             return lx.linear_solve(operator, g, self.linear_solver, throw=False).value
         if self.linear_solver == "anderson":
-            from ._solver import Anderson
             from ._solve import OptimistixBackend
+            from ._solver import Anderson
 
             backend = OptimistixBackend(
                 Anderson(rtol=self.rtol, atol=self.atol, memory=5)

@@ -54,7 +54,7 @@ def tree_all_finite(tree: PyTree[Array], *, batched: bool = False) -> Array:
 
 
 def zero_cotangent(x: PyTree) -> PyTree:
-    """The zero cotangent of a pytree of arrays (`float0` for integer and key leaves)."""
+    """The zero cotangent of a pytree (`float0` for integer and key leaves)."""
 
     def zero(leaf):
         dtype = jnp.result_type(leaf)

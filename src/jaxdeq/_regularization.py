@@ -17,7 +17,10 @@ def _gaussian_like(key: PRNGKeyArray, tree: PyTree[Array]) -> PyTree[Array]:
     keys = jax.random.split(key, len(leaves))
     return jtu.tree_unflatten(
         treedef,
-        [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)],
+        [
+            jax.random.normal(k, leaf.shape, leaf.dtype)
+            for k, leaf in zip(keys, leaves, strict=True)
+        ],
     )
 
 
