@@ -126,6 +126,8 @@ RECORD_FIELDS = {
     "RSS before them) | device_peak (GPU: peak bytes in use)",
     "residual_trace": "max relative residual after each forward evaluation",
     "versions": "package versions of the peer's environment",
+    "host_load_1min": "the host's 1-minute load average when the record was made "
+    "(these machines are shared: a load above the core count inflates times)",
 }
 
 
@@ -135,6 +137,8 @@ def make_record(**fields) -> dict:
     if unknown:
         raise ValueError(f"unknown record fields {sorted(unknown)}")
     record = {name: fields.get(name) for name in RECORD_FIELDS}
+    if record["host_load_1min"] is None and hasattr(os, "getloadavg"):
+        record["host_load_1min"] = round(os.getloadavg()[0], 2)
     if record["time_per_fwd_iter_s"] is None and record["fwd_nfe"]:
         record["time_per_fwd_iter_s"] = record["infer_s"] / record["fwd_nfe"]
     return record
@@ -424,13 +428,14 @@ def render_results(records: list[dict], command: str, plots: list[str]) -> str:
     ]
     header = (
         "| lib | train step (ms) | inference (ms) | fwd nfe (batch) | fwd nfe / sample "
-        "| bwd nfe | ms / fwd iter | peak mem (MiB) | first step (s) | reps |"
+        "| bwd nfe | ms / fwd iter | peak mem (MiB) | first step (s) | reps "
+        "| host load |"
     )
     for (_, workload, batch), group in _group(records).items():
         device_name = group[0]["device_name"]
         tiny = " (tiny shapes)" if group[0]["tiny"] else ""
         lines += [f"### {workload} · batch {batch} · {device_name}{tiny}", "", header]
-        lines.append("|" + "---|" * 10)
+        lines.append("|" + "---|" * 11)
         for record in sorted(group, key=lambda r: r["lib"]):
             memory = record["peak_mem_bytes"]
             lines.append(
@@ -440,7 +445,8 @@ def render_results(records: list[dict], command: str, plots: list[str]) -> str:
                 f"| {_number(record['bwd_nfe'], '{}')} "
                 f"| {_ms(record['time_per_fwd_iter_s'])} "
                 f"| {_number(None if memory is None else memory / 2**20)} "
-                f"| {_number(record['compile_s'], '{:.2f}')} | {record['reps']} |"
+                f"| {_number(record['compile_s'], '{:.2f}')} | {record['reps']} "
+                f"| {_number(record.get('host_load_1min'))} |"
             )
         lines.append("")
     rows = ratio_rows(records)
@@ -479,7 +485,10 @@ def render_results(records: list[dict], command: str, plots: list[str]) -> str:
         "backward solve for the batch's real loss cotangent. *peak mem*: on CPU the "
         "growth of the process's peak RSS over the timed train steps (after "
         "`malloc_trim`), on GPU the device's peak bytes in use. *first step*: "
-        "compilation plus one step for JAX; PyTorch's first step (no compilation).",
+        "compilation plus one step for JAX; PyTorch's first step (no compilation). "
+        f"*host load*: 1-minute load average when the row was measured, on "
+        f"{os.cpu_count()} cores; other jobs share the machine, so compare ratios "
+        "measured at similar load.",
         "",
     ]
     if plots:
@@ -581,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
         "does not replace",
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="per subprocess")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="only rewrite RESULTS.md and plots from <out>/results/records.jsonl",
+    )
     args = parser.parse_args(argv)
     unknown = [name for name in args.peers if name not in PEERS]
     if unknown:
@@ -590,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_dir = results_dir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
-    for name in args.peers:
+    for name in [] if args.render_only else args.peers:
         peer = PEERS[name]
         reason = peer.missing()
         if reason:
@@ -600,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             records += run_peer(peer, workload, args, raw_dir)
 
     records_path = results_dir / "records.jsonl"
-    if args.merge and records_path.exists():
+    if (args.merge or args.render_only) and records_path.exists():
         old = [json.loads(line) for line in records_path.read_text().splitlines()]
         records = merge_records(old, records)
     if not records:
@@ -609,6 +623,15 @@ def main(argv: list[str] | None = None) -> int:
     records_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     plots = write_plots(records, results_dir)
     command = shlex.join(["python", "benchmarks/run_all.py", *(argv or sys.argv[1:])])
+    commands_path = results_dir / "commands.txt"
+    if args.render_only and commands_path.exists():
+        command = " && ".join(commands_path.read_text().splitlines())
+    else:
+        if not args.merge:
+            commands_path.write_text("")
+        with commands_path.open("a") as commands:
+            commands.write(command + "\n")
+        command = " && ".join(commands_path.read_text().splitlines())
     (args.out / "RESULTS.md").write_text(render_results(records, command, plots))
     print(f"[run_all] wrote {args.out / 'RESULTS.md'} ({len(records)} records)")
     return 0

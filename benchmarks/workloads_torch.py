@@ -2,7 +2,7 @@
 
 Weights are stored in PyTorch's layout (conv `OIHW`, linear `(out, in)`);
 `load_jax_params` copies parameters given in the JAX layout, which is how
-`python benchmarks/workloads_torch.py --check-twin FILE.npz` (used by the tests)
+`python benchmarks/workloads_torch.py --check-twin FILE.npz ...` (used by the tests)
 verifies that both twins compute the same function.
 """
 
@@ -237,9 +237,10 @@ def check_twin(path: str) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check-twin", required=True, metavar="FILE.npz")
+    parser.add_argument("--check-twin", nargs="+", required=True, metavar="FILE.npz")
     parser.add_argument("--tol", type=float, default=1e-4)
     args = parser.parse_args()
-    result = check_twin(args.check_twin)
-    print(json.dumps(result))
-    sys.exit(0 if result["max_abs_err"] <= args.tol else 1)
+    results = [check_twin(path) for path in args.check_twin]
+    for result in results:
+        print(json.dumps(result))
+    sys.exit(0 if all(r["max_abs_err"] <= args.tol for r in results) else 1)
