@@ -159,8 +159,10 @@ def _fixed_point_iteration(step, u0, rtol, atol, max_steps):
         change_sq = sample_sq_norm(tree_sub(u_next, u), batched=False)
         return k + 1, u_next, change_sq, sample_sq_norm(u_next, batched=False)
 
-    inf = jnp.array(jnp.inf, jnp.float32)
-    _, u, _, _ = jax.lax.while_loop(cond, body, (0, u0, inf, inf))
+    sq_struct = jax.eval_shape(lambda: sample_sq_norm(u0, batched=False))
+    inf = jnp.full(sq_struct.shape, jnp.inf, sq_struct.dtype)
+    zero = jnp.zeros(sq_struct.shape, sq_struct.dtype)
+    _, u, _, _ = jax.lax.while_loop(cond, body, (0, u0, inf, zero))
     return u
 
 

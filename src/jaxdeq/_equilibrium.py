@@ -155,6 +155,10 @@ def solve_equilibrium(
 ) -> tuple[PyTree[Array], PyTree, DeepEquilibriumSolution]:
     """Run `cell` from `z0` to equilibrium; returns `(z*, new cell state, solution)`."""
     budget = config.budget(max_steps)
+    # A Python-int budget is static (diffrax's step cap must be); arrays stay traced.
+    static_budget = budget if isinstance(budget, int) else None
+    if static_budget is not None:
+        budget = None
     batch = jtu.tree_leaves(x)[0].shape[0]
     joint = config.joint_solve
 
@@ -174,7 +178,7 @@ def solve_equilibrium(
             z0,
             args,
             max_steps=config.max_steps,
-            budget=budget,
+            budget=budget if static_budget is None else static_budget,
             batched=joint,
             trace=config.trace,
             differentiable=differentiable,
