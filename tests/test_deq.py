@@ -9,6 +9,8 @@ import jax.tree_util as jtu
 import numpy as np
 import optimistix as optx
 import pytest
+
+import jaxdeq
 from helpers import (
     central_difference_grad,
     conv_cell,
@@ -16,8 +18,6 @@ from helpers import (
     max_rel_error,
     tree_allclose,
 )
-
-import jaxdeq
 from jaxdeq import nn
 
 
