@@ -1,7 +1,7 @@
 """The benchmark harness runs: bench scripts print records, run_all writes RESULTS.md.
 
 Tiny shapes, JAX peers of the main venv only; results go to a temp dir. The torch-twin
-check runs only where `bash benchmarks/envs.sh` has created .venv-torch.
+check (marked slow) runs only where `bash benchmarks/envs.sh` has created .venv-torch.
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def test_merge_replaces_only_rerun_cells(run_all):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCH_PYTHON.exists(), reason=".venv-torch not created")
 def test_torch_twin_computes_the_same_cells(run_all, tmp_path):
     import jax
@@ -149,7 +150,9 @@ def test_torch_twin_computes_the_same_cells(run_all, tmp_path):
         x, _ = workloads.make_batch(workload, 3, jax.random.PRNGKey(1))
         injection = workload.inject(params["inject"], x)
         state = jax.tree.map(
-            lambda leaf: jax.random.normal(jax.random.PRNGKey(2), leaf.shape),
+            lambda leaf: jax.random.normal(
+                jax.random.PRNGKey(2), leaf.shape, leaf.dtype
+            ),
             workload.initial_state(injection),
         )
         out = workload.cell(params["cell"], state, injection)
