@@ -12,6 +12,11 @@ from ._deq import (
     DeepEquilibriumNetwork as DeepEquilibriumNetwork,
     SkipDeepEquilibriumNetwork as SkipDeepEquilibriumNetwork,
 )
+from ._multiscale import (
+    MultiScaleDeepEquilibriumNetwork as MultiScaleDeepEquilibriumNetwork,
+    MultiScaleNeuralODE as MultiScaleNeuralODE,
+    MultiScaleSkipDeepEquilibriumNetwork as MultiScaleSkipDeepEquilibriumNetwork,
+)
 from ._regularization import jacobian_frobenius_estimate as jacobian_frobenius_estimate
 from ._solution import (
     RESULTS as RESULTS,
