@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m jaxdeq.examples.digits --out outputs/demo
+	$(BIN)/python examples/digits.py --out outputs/demo
 
 test: venv
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests

@@ -183,11 +183,8 @@ def test_jit_equals_eager_and_vmap_equals_batch(getkey):
     z_vmap = jax.vmap(lambda xi: model.apply(ps, st, xi[None])[0][0])(x)
     assert tree_allclose(z_vmap, z_jit, rtol=1e-6, atol=1e-6)
     # st keeps its structure, shapes and dtypes, so a jitted step compiles once
-    same = jtu.tree_map(
-        lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), st, st_jit
-    )
-    assert jtu.tree_structure(st) == jtu.tree_structure(st_jit)
-    assert all(jtu.tree_leaves(same))
+    # (weak types included: a weak-typed leaf would retrace a jitted train step)
+    assert jax.eval_shape(lambda: st) == jax.eval_shape(lambda: st_jit)
 
 
 def test_easy_and_hard_samples_report_different_nfe():

@@ -17,7 +17,14 @@ from ._multiscale import (
     MultiScaleNeuralODE as MultiScaleNeuralODE,
     MultiScaleSkipDeepEquilibriumNetwork as MultiScaleSkipDeepEquilibriumNetwork,
 )
-from ._regularization import jacobian_frobenius_estimate as jacobian_frobenius_estimate
+from ._regularization import (
+    fixed_point_correction_loss as fixed_point_correction_loss,
+    jacobian_frobenius_estimate as jacobian_frobenius_estimate,
+    skip_loss as skip_loss,
+    spectral_radius as spectral_radius,
+)
+from ._sharding import shard_map_apply as shard_map_apply
+from ._solver import Anderson as Anderson, Broyden as Broyden
 from ._solution import (
     RESULTS as RESULTS,
     DeepEquilibriumSolution as DeepEquilibriumSolution,

@@ -36,6 +36,8 @@ class Forward(eqx.Module):
     result: Int[Array, "*batch"]
     trace: Array | None
     original: Any
+    # Iterates sampled along the solve (`samples=k`): leaves `(k, *z.shape)`.
+    samples: PyTree[Array] | None = None
 
 
 def _scan_while_loop(cond_fun, body_fun, init_val, *, max_steps: int):
@@ -71,7 +73,12 @@ class OptimistixBackend(eqx.Module):
         batched: bool,
         trace: bool,
         differentiable: bool = False,
+        samples: int = 0,
     ) -> Forward:
+        """Solve for a fixed point of `f(., args)` from `z0`. With `samples=k > 0`,
+        also returns `k` iterates at the evenly spaced steps
+        `ceil(j * max_steps / k)`, `j = 1..k` (the last iterate where the solve
+        stopped earlier), for fixed-point correction losses."""
         solver = self.solver
         options = dict(self.options)
         tags = frozenset()
@@ -94,15 +101,21 @@ class OptimistixBackend(eqx.Module):
             if trace
             else None
         )
-        carry = (z0, jnp.array(0), dynamic_state, z0, best_sq, done, result)
-        carry = carry + (residual_trace,)
+        carry = (z0, jnp.array(0, jnp.int32), dynamic_state, z0, best_sq, done, result)
+        sample_steps = jnp.ceil(
+            jnp.arange(1, samples + 1) * (max_steps / max(samples, 1))
+        ).astype(jnp.int32)
+        sampled = jtu.tree_map(
+            lambda leaf: jnp.zeros((samples, *leaf.shape), leaf.dtype), z0
+        )
+        carry = carry + (residual_trace, sampled)
 
         def cond_fun(c):
-            _, step, _, _, _, done, result, _ = c
+            _, step, _, _, _, done, result, _, _ = c
             return ~done & (result == optx.RESULTS.successful) & (step < limit)
 
         def body_fun(c):
-            y, step, dynamic_state, best_z, best_sq, _, _, residual_trace = c
+            y, step, dynamic_state, best_z, best_sq, _, _, residual_trace, sampled = c
             state = eqx.combine(dynamic_state, static_state)
             y, state, (y_eval, sq) = solver.step(fn, y, args, options, state, tags)
             done, result = solver.terminate(fn, y, args, options, state, tags)
@@ -114,14 +127,26 @@ class OptimistixBackend(eqx.Module):
             best_sq = jnp.where(better, sq, best_sq)
             if residual_trace is not None:
                 residual_trace = residual_trace.at[step].set(jnp.sqrt(sq))
+            if samples:
+                # Slot j holds the iterate of step min(sample_steps[j], last step).
+                pending = sample_steps >= step + 1
+                sampled = jtu.tree_map(
+                    lambda buf, leaf: jnp.where(
+                        pending.reshape((-1,) + (1,) * leaf.ndim), leaf[None], buf
+                    ),
+                    sampled,
+                    y,
+                )
             dynamic_state, _ = eqx.partition(state, eqx.is_array)
             return (y, step + 1, dynamic_state, best_z, best_sq, done, result) + (
                 residual_trace,
+                sampled,
             )
 
         loop = _scan_while_loop if differentiable else _while_loop
         carry = loop(cond_fun, body_fun, carry, max_steps=max_steps)
-        y, steps, dynamic_state, best_z, best_sq, done, result, residual_trace = carry
+        (y, steps, dynamic_state, best_z, best_sq, done, result) = carry[:7]
+        residual_trace, sampled = carry[7:]
         state = eqx.combine(dynamic_state, static_state)
         converged = done & (result == optx.RESULTS.successful)
         ran_out = ~done & (result == optx.RESULTS.successful)
@@ -155,7 +180,8 @@ class OptimistixBackend(eqx.Module):
             code = jnp.broadcast_to(code, batch)
             if residual_trace is not None:
                 residual_trace = residual_trace.T
-        return Forward(z, nfe, code, residual_trace, original)
+        sampled = sampled if samples else None
+        return Forward(z, nfe, code, residual_trace, original, sampled)
 
 
 class DiffraxBackend(eqx.Module):
@@ -197,8 +223,9 @@ class DiffraxBackend(eqx.Module):
         batched: bool,
         trace: bool,
         differentiable: bool = False,
+        samples: int = 0,
     ) -> Forward:
-        del trace, batched, differentiable  # checked at construction
+        del trace, batched, differentiable, samples  # checked at construction
         if budget is not None:
             if not isinstance(budget, int):
                 raise TypeError(
