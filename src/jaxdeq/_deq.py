@@ -76,6 +76,9 @@ class DeepEquilibriumNetwork(AbstractLayer):
         runs until its slowest sample stops, finished samples frozen). `True` solves
         the whole batch as one problem, for cells that couple samples (BatchNorm).
     - `trace`: record per-iteration residual norms in `solution.trace`.
+    - `sample_states`: store that many iterates of the solve, evenly spaced over
+        `max_steps`, in `solution.states`, each with a one-step gradient, for
+        [`jaxdeq.fixed_point_correction_loss`][] (optimistix-style solvers only).
     - `**solver_options`: for diffrax solvers `rtol`, `atol` (steady-state test and
         the default `PIDController`), `dt0`, `stepsize_controller`; for optimistix
         solvers `options` (their tolerances live on the solver). Unknown options are
@@ -125,6 +128,7 @@ class DeepEquilibriumNetwork(AbstractLayer):
         fixed_depth: int = 0,
         joint_solve: bool = False,
         trace: bool = False,
+        sample_states: int = 0,
         **solver_options,
     ):
         if not isinstance(model, AbstractLayer):
@@ -143,6 +147,7 @@ class DeepEquilibriumNetwork(AbstractLayer):
             fixed_depth=fixed_depth,
             joint_solve=joint_solve,
             trace=trace,
+            sample_states=sample_states,
             **solver_options,
         )
 
@@ -185,6 +190,10 @@ class DeepEquilibriumNetwork(AbstractLayer):
     ) -> tuple[Array, PyTree]:
         _check_input(x)
         key, probe_key = jax.random.split(st["key"])
+        # Per-forward work of the cell's layers (weight/spectral normalization) runs
+        # once here, not at every solver iteration; see `AbstractLayer.prepare`.
+        model_ps, model_st = self.model.prepare(ps["model"], st["model"])
+        ps, st = dict(ps, model=model_ps), dict(st, model=model_st)
         u0, z0, st_init = self._initial_state(ps, st, x)
         check_cell_output(self._cell, ps["model"], st["model"], z0, x)
         z, st_model, solution = solve_equilibrium(

@@ -36,6 +36,7 @@ class EquilibriumConfig(eqx.Module):
     fixed_depth: int
     joint_solve: bool
     trace: bool
+    sample_states: int
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class EquilibriumConfig(eqx.Module):
         fixed_depth=0,
         joint_solve=False,
         trace=False,
+        sample_states=0,
         **solver_options,
     ):
         self.backend = make_backend(solver, solver_options)
@@ -86,6 +88,19 @@ class EquilibriumConfig(eqx.Module):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        if isinstance(sample_states, bool) or not isinstance(sample_states, int):
+            raise TypeError(f"sample_states: expected an int, got {sample_states!r}")
+        if not 0 <= sample_states <= max_steps:
+            raise ValueError(
+                f"sample_states: expected 0 <= sample_states <= max_steps "
+                f"({max_steps}), got {sample_states}"
+            )
+        if sample_states and (is_diffrax or fixed_depth or problem_type == "ode"):
+            raise ValueError(
+                "sample_states: iterates are sampled from optimistix-style solves; "
+                "not available with a diffrax solver, fixed_depth > 0 or "
+                "problem_type='ode'"
+            )
         if not isinstance(joint_solve, bool):
             raise TypeError(f"joint_solve: expected a bool, got {joint_solve!r}")
         self.adjoint = adjoint
@@ -95,6 +110,7 @@ class EquilibriumConfig(eqx.Module):
         self.fixed_depth = fixed_depth
         self.joint_solve = joint_solve
         self.trace = bool(trace)
+        self.sample_states = sample_states
 
     def budget(self, max_steps):
         """Validate a per-call budget: `None`, a Python int or a traced int array."""
@@ -126,6 +142,25 @@ def _add_batch(tree):
 
 def _remove_batch(tree):
     return jtu.tree_map(lambda leaf: leaf[0], tree)
+
+
+def _is_key(leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _fold_in_sample(st: PyTree, index: Array) -> PyTree:
+    """A cell state with every PRNG key folded with the sample's index, so that in
+    a per-sample solve random layers (`nn.VariationalDropout`) draw per sample."""
+
+    def fold(leaf):
+        if not _is_key(leaf):
+            return leaf
+        flat = jnp.reshape(leaf, (-1,))
+        folded = jax.vmap(lambda key: jax.random.fold_in(key, index))(flat)
+        return jnp.reshape(folded, jnp.shape(leaf))
+
+    return jtu.tree_map(fold, st)
 
 
 def check_cell_output(cell: BatchedCell, ps, st, z0, x, name: str = "model"):
@@ -171,6 +206,12 @@ def solve_equilibrium(
         return _remove_batch(cell(ps, st, _add_batch(z), _add_batch(x))[0])
 
     f = f_joint if joint else f_one
+    per_sample = not joint and config.fixed_depth == 0
+    keyed = per_sample and any(_is_key(leaf) for leaf in jtu.tree_leaves(st))
+    sample_index = jnp.arange(batch)
+
+    def sample_st(index):
+        return _fold_in_sample(st, index) if keyed else st
 
     def forward(z0, args, budget, differentiable):
         return config.backend.solve(
@@ -182,16 +223,20 @@ def solve_equilibrium(
             batched=joint,
             trace=config.trace,
             differentiable=differentiable,
+            samples=config.sample_states,
         )
 
     if config.problem_type == "ode":
 
-        def integrate(z0, x):
+        def integrate(z0, x, index):
             return config.backend.integrate(
-                f, z0, (ps, st, x), max_steps=config.max_steps
+                f, z0, (ps, sample_st(index), x), max_steps=config.max_steps
             )
 
-        z, out = integrate(z0, x) if joint else jax.vmap(integrate)(z0, x)
+        if joint:
+            z, out = integrate(z0, x, None)
+        else:
+            z, out = jax.vmap(integrate)(z0, x, sample_index)
     elif config.fixed_depth > 0:
         z = jax.lax.fori_loop(
             0, config.fixed_depth, lambda _, z: f_joint(z, (ps, st, x)), z0
@@ -202,18 +247,47 @@ def solve_equilibrium(
         z, out = config.adjoint.apply(forward, f, z0, (ps, st, x), budget)
     else:
 
-        def solve_one(z0, x):
-            return config.adjoint.apply(forward, f, z0, (ps, st, x), budget)
+        def solve_one(z0, x, index):
+            args = (ps, sample_st(index), x)
+            return config.adjoint.apply(forward, f, z0, args, budget)
 
-        z, out = jax.vmap(solve_one)(z0, x)
+        z, out = jax.vmap(solve_one)(z0, x, sample_index)
 
-    fz, new_st = cell(ps, st, z, x)
+    if keyed:
+        # The cell as the per-sample solve saw it (per-sample keys); the state to
+        # return comes from a batched call, whose output is unused (and removed by
+        # XLA under jit).
+        def f_batch(z):
+            return jax.vmap(lambda z, x, i: f_one(z, (ps, sample_st(i), x)))(
+                z, x, sample_index
+            )
+
+        fz, new_st = f_batch(z), cell(ps, st, z, x)[1]
+    else:
+
+        def f_batch(z):
+            return cell(ps, st, z, x)[0]
+
+        fz, new_st = cell(ps, st, z, x)
     residual = tree_sub(fz, z)
     if config.jacobian_regularization is None:
         jacobian_loss = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(z)))
     else:
         jacobian_loss = jacobian_frobenius_estimate(
-            lambda z: cell(ps, st, z, x)[0], z, key, config.jacobian_regularization
+            f_batch, z, key, config.jacobian_regularization
+        )
+    states = None
+    if out.samples is not None:
+        states = out.samples
+        if not joint:  # (batch, k, ...) -> (k, batch, ...)
+            states = jtu.tree_map(lambda leaf: jnp.moveaxis(leaf, 1, 0), states)
+        states = jax.lax.stop_gradient(states)
+        # Each sampled state gets a one-step (Jacobian-free) gradient, as in
+        # torchdeq's fixed-point correction.
+        states = jtu.tree_map(
+            lambda s, g: s + (g - jax.lax.stop_gradient(g)),
+            states,
+            jax.vmap(f_batch)(states),
         )
     residual_norm = jnp.sqrt(sample_sq_norm(residual, batched=True))
     fz_norm = jnp.sqrt(sample_sq_norm(fz, batched=True))
@@ -231,5 +305,6 @@ def solve_equilibrium(
         ),
         trace=out.trace,
         original=out.original,
+        states=states,
     )
     return z, new_st, solution

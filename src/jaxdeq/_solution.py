@@ -74,6 +74,11 @@ class DeepEquilibriumSolution(eqx.Module):
         built with `trace=True`; otherwise `None`.
     - `original`: the backend's own solution object (`optimistix.Solution` without
         solver state, or `diffrax.Solution`), batched over samples in per-sample mode.
+    - `states`: with `sample_states=k`, `k` iterates of the solve at evenly spaced
+        steps (leaves `(k, batch, ...)`, the last ones equal to the final iterate
+        when the solve stopped early), each carrying a one-step (Jacobian-free)
+        gradient: the input of [`jaxdeq.fixed_point_correction_loss`][]. Otherwise
+        `None`.
     """
 
     z_star: PyTree[Array]
@@ -86,3 +91,4 @@ class DeepEquilibriumSolution(eqx.Module):
     relative_residual_norm: Float[Array, " batch"]
     trace: Float[Array, "batch steps"] | None
     original: Any
+    states: PyTree[Array] | None = None

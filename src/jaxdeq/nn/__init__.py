@@ -11,9 +11,14 @@ from ._containers import (
     Parallel as Parallel,
 )
 from ._core import AbstractLayer as AbstractLayer
+from ._dropout import VariationalDropout as VariationalDropout
 from ._layers import (
     Conv as Conv,
     Dense as Dense,
     NoOpLayer as NoOpLayer,
     WrappedFunction as WrappedFunction,
+)
+from ._normalization import (
+    SpectralNorm as SpectralNorm,
+    WeightNorm as WeightNorm,
 )

@@ -33,6 +33,18 @@ def _check_per_layer(name: str, tree: Any, num_layers: int) -> None:
         )
 
 
+def _prepare_children(
+    layers: tuple[AbstractLayer, ...], ps: tuple, st: tuple
+) -> tuple[tuple, tuple]:
+    _check_per_layer("ps", ps, len(layers))
+    _check_per_layer("st", st, len(layers))
+    prepared = [
+        layer.prepare(layer_ps, layer_st)
+        for layer, layer_ps, layer_st in zip(layers, ps, st, strict=True)
+    ]
+    return tuple(p for p, _ in prepared), tuple(s for _, s in prepared)
+
+
 def _split_key(key: PRNGKeyArray, num_layers: int) -> list[PRNGKeyArray]:
     return list(jax.random.split(key, num_layers)) if num_layers else []
 
@@ -95,6 +107,9 @@ class Chain(AbstractLayer):
             ps.append(layer_ps)
             st.append(layer_st)
         return tuple(ps), tuple(st)
+
+    def prepare(self, ps: tuple, st: tuple) -> tuple[tuple, tuple]:
+        return _prepare_children(self.layers, ps, st)
 
     def apply(self, ps: tuple, st: tuple, x: Any) -> tuple[Any, tuple]:
         _check_per_layer("ps", ps, len(self.layers))
@@ -201,6 +216,9 @@ class Parallel(AbstractLayer):
         )
         return ps, st
 
+    def prepare(self, ps: tuple, st: tuple) -> tuple[tuple, tuple]:
+        return _prepare_children(self.layers, ps, st)
+
     def apply(self, ps: tuple, st: tuple, x: Any) -> tuple[Any, tuple]:
         _check_per_layer("ps", ps, len(self.layers))
         _check_per_layer("st", st, len(self.layers))
@@ -272,6 +290,9 @@ class BranchLayer(AbstractLayer):
             strict=True,
         )
         return ps, st
+
+    def prepare(self, ps: tuple, st: tuple) -> tuple[tuple, tuple]:
+        return _prepare_children(self.layers, ps, st)
 
     def apply(self, ps: tuple, st: tuple, x: Any) -> tuple[tuple, tuple]:
         _check_per_layer("ps", ps, len(self.layers))

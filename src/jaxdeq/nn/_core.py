@@ -30,3 +30,16 @@ class AbstractLayer(eqx.Module):
     @abc.abstractmethod
     def apply(self, ps: PyTree, st: PyTree, x: Any) -> tuple[Any, PyTree]:
         """Apply the layer: returns `(y, st)`."""
+
+    def prepare(self, ps: PyTree, st: PyTree) -> tuple[PyTree, PyTree]:
+        """Work that depends on `ps`/`st` only, done once per forward pass.
+
+        A DEQ model applies its cell at every solver iteration; it calls `prepare`
+        once before solving and hands the result to every `apply`. Layers whose
+        `apply` would redo input-independent work (a weight or spectral
+        normalization) return it precomputed here; `apply` must accept both the
+        prepared and the original `(ps, st)` and give the same result. `st` keeps
+        its structure, shapes and dtypes. The default is the identity; containers
+        prepare their children.
+        """
+        return ps, st
