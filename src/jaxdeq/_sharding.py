@@ -1,0 +1,121 @@
+"""Data-parallel DEQ solves under `jax.shard_map`.
+
+The plain way to run a DEQ on many devices needs nothing from jaxdeq: put the batch
+on a mesh with `jax.device_put(x, NamedSharding(mesh, P("batch")))`, keep the
+parameters replicated and `jax.jit` the step; XLA partitions the per-sample solves
+(see `docs/sharding.md`). `shard_map_apply` is the alternative for per-sample solves
+in which every device runs its own loop over its own samples, with no collective
+inside the loop.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax.sharding import Mesh, PartitionSpec as P
+from jaxtyping import Array, PyTree
+
+from ._equilibrium import EquilibriumConfig
+from .nn._core import AbstractLayer
+
+
+def _state_specs(st: PyTree, axis: str) -> PyTree:
+    """Per-sample solution leaves are split over `axis`; everything else (the cell's
+    state, the PRNG key, the batch-mean Jacobian loss) is replicated."""
+    specs = jtu.tree_map(lambda _: P(), st)
+    specs["solution"] = jtu.tree_map(
+        lambda leaf: P(axis) if jnp.ndim(leaf) >= 1 else P(), st["solution"]
+    )
+    return specs
+
+
+def _replicate_where(specs: PyTree, tree: PyTree, axis: str) -> PyTree:
+    """Average over the devices the floating leaves that leave the `shard_map`
+    replicated: the Jacobian loss and any batch statistics in the cell's state differ
+    between devices; for the others the mean is the value itself."""
+
+    def mean_if_replicated(spec, leaf):
+        if spec == P() and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return jax.lax.pmean(leaf, axis)
+        return leaf
+
+    return jtu.tree_map(mean_if_replicated, specs, tree)
+
+
+def shard_map_apply(
+    model: AbstractLayer, mesh: Mesh, axis: str = "batch"
+) -> Callable[..., tuple[Array, PyTree]]:
+    """`model.apply` with the batch split over the mesh axis `axis` by `jax.shard_map`:
+    each device solves its own samples in its own loop, which stops when *its*
+    slowest sample has converged, with no communication between devices during the
+    solve. Gradients with respect to the (replicated) parameters are summed over the
+    devices by the transpose of `shard_map`.
+
+    Use it inside `jax.jit`. The results equal those of `model.apply` up to
+    floating-point reassociation, with two differences: `solution.jacobian_loss` is
+    the mean of the per-device estimates, and cell state that depends on the batch is
+    averaged over the devices.
+
+    **Arguments:**
+
+    - `model`: a DEQ model with per-sample solves (`joint_solve=False`); a joint solve
+        couples the whole batch and is run by `jax.jit` on sharded inputs instead.
+    - `mesh`: a `jax.sharding.Mesh`; the parameters and state are replicated over all
+        its axes.
+    - `axis`: the mesh axis the batch is split over. The batch size must be divisible
+        by its size.
+
+    **Returns:** a function `apply(ps, st, x, *, max_steps=None) -> (z, st)` with the
+    signature of `model.apply`, whose `z` and per-sample solution fields are sharded
+    over `axis`.
+
+    **Example:**
+
+    ```python
+    mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    apply = jaxdeq.shard_map_apply(model, mesh, "batch")
+    z, st = jax.jit(apply)(ps, st, x)   # x: (batch, ...) with batch % 4 == 0
+    ```
+    """
+    if not isinstance(getattr(model, "config", None), EquilibriumConfig):
+        raise TypeError(
+            f"model: expected a jaxdeq DEQ model, got {type(model).__name__}"
+        )
+    if model.config.joint_solve:
+        raise ValueError(
+            "model: a joint solve (joint_solve=True) couples every sample of the "
+            "batch, so it cannot be split into per-device solves; run it with "
+            "jax.jit on a batch sharded with NamedSharding instead"
+        )
+    if axis not in mesh.axis_names:
+        raise ValueError(f"axis: {axis!r} is not an axis of the mesh {mesh.axis_names}")
+
+    def apply(ps, st, x, *, max_steps=None):
+        batch = jtu.tree_leaves(x)[0].shape[0]
+        if batch % mesh.shape[axis] != 0:
+            raise ValueError(
+                f"x: the batch size {batch} is not divisible by the size "
+                f"{mesh.shape[axis]} of the mesh axis {axis!r}"
+            )
+
+        specs = _state_specs(st, axis)
+        # A Python-int budget must stay static (diffrax's step cap is), so only a
+        # traced budget is passed through the shard_map, replicated.
+        static_budget = max_steps is None or isinstance(max_steps, int)
+
+        def local(ps, st, x, budget):
+            budget = max_steps if static_budget else budget
+            z, new_st = model.apply(ps, st, x, max_steps=budget)
+            return z, _replicate_where(specs, new_st, axis)
+
+        sharded = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(), P(), P(axis), P()),
+            out_specs=(P(axis), specs),
+            check_vma=False,
+        )
+        return sharded(ps, st, x, None if static_budget else max_steps)
+
+    return apply
