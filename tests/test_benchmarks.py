@@ -53,9 +53,10 @@ def _fake_record(run_all, lib: str, train_step_s: float) -> dict:
 
 
 def test_bare_jax_script_prints_one_record_per_workload(run_all):
+    # w3 (the pytree state) and w2 share the conv code path; w1 runs in the next test
     completed = subprocess.run(
         [sys.executable, str(BENCH / "bench_bare_jax.py"), "--tiny"]
-        + ["--workloads", "w1,w2"],
+        + ["--workloads", "w2,w3", "--batches", "2"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -63,7 +64,7 @@ def test_bare_jax_script_prints_one_record_per_workload(run_all):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     records = _records(completed.stdout)
-    assert [r["workload"] for r in records] == ["w1", "w2"]
+    assert [(r["workload"], r["batch"]) for r in records] == [("w2", 2), ("w3", 2)]
     for record in records:
         assert list(record) == list(run_all.RECORD_FIELDS)
         assert record["lib"] == "bare_jax" and record["tiny"] is True
