@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+import optimistix as optx
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -57,7 +58,7 @@ def cell():
 
 
 def classifier(skip: bool, trace: bool = False):
-    solver = jaxdeq.Anderson(rtol=1e-4, atol=1e-6)
+    solver = jaxdeq.Anderson(rtol=1e-4, atol=0.0, norm=optx.two_norm, termination="normwise")
     if skip:
         deq = jaxdeq.SkipDeepEquilibriumNetwork(
             cell(), nn.Dense(WIDTH, WIDTH, activation=jnp.tanh), solver, trace=trace)
