@@ -26,7 +26,7 @@ FORWARD_RTOL = 1e-4
 MAX_STEPS = 30
 BACKWARD_ATOL = 1e-6
 STOP_RULE = (
-    "per sample: loop until every sample's ||f(z)-z||/||f(z)|| <= 1e-4 "
+    "per sample: loop until every sample's ||f(z)-z||/(||f(z)||+1e-9) <= 1e-4 "
     "(max over the batch), max 30 evaluations"
 )
 

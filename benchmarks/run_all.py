@@ -421,7 +421,7 @@ def render_results(records: list[dict], command: str, plots: list[str]) -> str:
         "Workloads, solver settings and targets: `/work/shared/BENCHMARKS.md` "
         "(W1 mlp, W2 conv, W3 2-scale MDEQ-style; definitions in "
         "`benchmarks/workloads.py`). Times are medians after compilation and warm-up; "
-        "one process per (peer, workload); all peers ran in this one run.",
+        "one process per (peer, workload).",
         "",
         "## Measurements",
         "",
@@ -475,7 +475,8 @@ def render_results(records: list[dict], command: str, plots: list[str]) -> str:
         seen.setdefault(record["lib"], record)
     for lib, record in sorted(seen.items()):
         versions = ", ".join(f"{k} {v}" for k, v in sorted(record["versions"].items()))
-        lines.append(f"| {lib} | {record['fwd_stop_rule']} | {versions} |")
+        stop_rule = str(record["fwd_stop_rule"]).replace("|", "\\|")
+        lines.append(f"| {lib} | {stop_rule} | {versions} |")
     lines += [
         "",
         "Columns: *fwd nfe (batch)* is the number of cell evaluations on the whole "
