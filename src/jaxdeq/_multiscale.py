@@ -212,14 +212,7 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
         scales: Sequence[Sequence[int]],
         *,
         init: Literal["zeros"] | Sequence[AbstractLayer] | None = "zeros",
-        jacobian_regularization: str | None = None,
-        problem_type: str = "steady_state",
-        adjoint=None,
-        max_steps: int = 32,
-        fixed_depth: int = 0,
-        joint_solve: bool = False,
-        trace: bool = False,
-        **solver_options,
+        **kwargs,
     ):
         self.main_layers = _layer_tuple("main_layers", main_layers, None)
         n = len(self.main_layers)
@@ -233,17 +226,8 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
             else _layer_tuple("post_fuse_layer", post_fuse_layer, n)
         )
         self.init_mode, self.init_layers = _resolve_init(init, n)
-        self.config = EquilibriumConfig(
-            solver,
-            jacobian_regularization=jacobian_regularization,
-            problem_type=problem_type,
-            adjoint=adjoint,
-            max_steps=max_steps,
-            fixed_depth=fixed_depth,
-            joint_solve=joint_solve,
-            trace=trace,
-            **solver_options,
-        )
+        # The solve settings are exactly the single-scale model's, validated there.
+        self.config = EquilibriumConfig(solver, **kwargs)
 
     @property
     def max_steps(self) -> int:
@@ -330,48 +314,45 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
         u0, _ = self._cell(_cell_part(ps), _cell_part(st), zeros, x)
         return u0, u0, None
 
-    def init(self, key: PRNGKeyArray, x: Any) -> tuple[PyTree, PyTree]:
-        _check_input(x)
-        cell_key, init_key, state_key = jax.random.split(key, 3)
+    def _init_layers(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
+        """Every layer's `(ps, st)`, each layer initialised on its sample input."""
+        cell_key, init_key = jax.random.split(key)
         ps, st = {}, {}
         z = self._zeros(x)
         if self.init_mode == "layer":
             keys = jax.random.split(init_key, len(self.init_layers))
-            ps["init"], st["init"] = (
-                tuple(parts)
-                for parts in zip(
-                    *(
-                        layer.init(k, x)
-                        for layer, k in zip(self.init_layers, keys, strict=True)
-                    ),
-                    strict=True,
-                )
-            )
+            pairs = [
+                layer.init(k, x)
+                for layer, k in zip(self.init_layers, keys, strict=True)
+            ]
+            ps["init"] = tuple(pair[0] for pair in pairs)
+            st["init"] = tuple(pair[1] for pair in pairs)
             z, _ = self._init_states(ps, st, x, z)
-        records = {group: {} for group in _CELL_GROUPS}
         group_keys = dict(
             zip(
                 _CELL_GROUPS, jax.random.split(cell_key, len(_CELL_GROUPS)), strict=True
             )
         )
+        layer_ps = {group: {} for group in _CELL_GROUPS}
+        layer_st = {group: {} for group in _CELL_GROUPS}
 
         def call(group, index, layer, inp):
             layer_key = group_keys[group]
             for k in index:
                 layer_key = jax.random.fold_in(layer_key, k)
-            layer_ps, layer_st = layer.init(layer_key, inp)
-            records[group][index] = (layer_ps, layer_st)
-            return layer.apply(layer_ps, layer_st, inp)[0]
+            one_ps, one_st = layer.init(layer_key, inp)
+            layer_ps[group][index], layer_st[group][index] = one_ps, one_st
+            return layer.apply(one_ps, one_st, inp)[0]
 
         self._fuse(z, x, call)
-        for name, part in (("ps", 0), ("st", 1)):
-            nested = self._nest(
-                {
-                    group: {index: pair[part] for index, pair in entries.items()}
-                    for group, entries in records.items()
-                }
-            )
-            (ps if name == "ps" else st).update(nested)
+        return dict(ps, **self._nest(layer_ps)), dict(st, **self._nest(layer_st))
+
+    def init(self, key: PRNGKeyArray, x: Any) -> tuple[PyTree, PyTree]:
+        _check_input(x)
+        layers_key, state_key = jax.random.split(key)
+        # One compiled program instead of op-by-op dispatch: eager initialisation of
+        # the N + N^2 (+ N) layers compiles every small op for every shape.
+        ps, st = jax.jit(self._init_layers)(layers_key, x)
         st["key"] = state_key
         st["solution"] = None
         solution = jax.eval_shape(lambda: self.apply(ps, st, x)[1]["solution"])
