@@ -546,6 +546,10 @@ def write_plots(records: list[dict], results_dir: Path) -> list[str]:
         written.append(str(path))
     traced = [r for r in records if r["residual_trace"]]
     if traced:
+        import numpy as np
+
+        libs = sorted({r["lib"] for r in traced})
+        colors = {lib: f"C{i}" for i, lib in enumerate(libs)}
         groups = _group(traced)
         fig, axes = plt.subplots(
             1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False
@@ -554,13 +558,18 @@ def write_plots(records: list[dict], results_dir: Path) -> list[str]:
             axes[0], groups.items(), strict=True
         ):
             for record in sorted(group, key=lambda r: r["lib"]):
-                trace = record["residual_trace"]
-                ax.semilogy(range(1, len(trace) + 1), trace, label=record["lib"])
+                trace = [np.nan if v is None else v for v in record["residual_trace"]]
+                ax.semilogy(
+                    range(1, len(trace) + 1),
+                    trace,
+                    label=record["lib"],
+                    color=colors[record["lib"]],
+                )
             ax.axhline(1e-4, color="grey", linestyle=":", linewidth=0.8)
             ax.set_title(f"{workload} B{batch} ({device})")
             ax.set_xlabel("forward evaluation")
+            ax.legend()
         axes[0][0].set_ylabel("max relative residual")
-        axes[0][0].legend()
         fig.tight_layout()
         path = results_dir / "residuals.png"
         fig.savefig(path, dpi=110)
