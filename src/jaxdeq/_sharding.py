@@ -70,12 +70,25 @@ def shard_map_apply(
     signature of `model.apply`, whose `z` and per-sample solution fields are sharded
     over `axis`.
 
-    **Example:**
+    **Example** (on as many devices as there are; `jax.make_mesh` makes meshes with
+    explicit axes by default, and jaxdeq's solvers need automatic ones):
 
     ```python
-    mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
-    apply = jaxdeq.shard_map_apply(model, mesh, "batch")
-    z, st = jax.jit(apply)(ps, st, x)   # x: (batch, ...) with batch % 4 == 0
+    >>> import jax, jax.numpy as jnp, jaxdeq
+    >>> from jaxdeq import nn
+    >>> cell = nn.Chain(nn.Parallel(jnp.add, nn.Dense(2, 2), nn.Dense(2, 2)),
+    ...                 nn.WrappedFunction(jnp.tanh))
+    >>> solver = jaxdeq.Anderson(rtol=1e-5, atol=1e-5)
+    >>> model = jaxdeq.DeepEquilibriumNetwork(cell, solver)
+    >>> n = len(jax.devices())
+    >>> mesh = jax.make_mesh((n,), ("batch",),
+    ...                      axis_types=(jax.sharding.AxisType.Auto,))
+    >>> x = jnp.ones((4 * n, 2))  # z and solution.nfe come out sharded over "batch"
+    >>> ps, st = model.init(jax.random.key(0), x)
+    >>> z, st = jax.jit(jaxdeq.shard_map_apply(model, mesh))(ps, st, x)
+    >>> z.shape == x.shape, bool(jnp.all(st["solution"].result == 0))
+    (True, True)
+
     ```
     """
     if not isinstance(getattr(model, "config", None), EquilibriumConfig):
