@@ -10,8 +10,8 @@ backward (fixed-point iteration of the VJP, absolute 1e-6 or 30 steps), a linear
 to 10 classes, softmax cross-entropy on random labels, Adam 1e-3. The batch (128) is
 sharded over a 1-D mesh `("batch",)`; parameters and optimizer state are replicated.
 
-Two ways of running the same step are timed, interleaved in rounds so that load on the
-machine hits both alike:
+Two ways of running the same step are timed, alternating step by step so that load on
+the machine hits both alike (wall time, and CPU time of the process):
 
 - `jit`: `jax.jit` of the step on a batch placed with `NamedSharding(mesh,
   P("batch"))`; XLA partitions the per-sample `while_loop`, whose stopping test (any
@@ -141,17 +141,22 @@ def _worker(batch: int, reps: int, rounds: int) -> dict:
         }
         runs[mode], timings[mode] = (step, state), []
 
-    # Rounds alternate between the modes so that load on the machine hits both alike.
-    for _ in range(rounds):
+    # Steps alternate between the modes so that load on the machine hits both alike.
+    # CPU time (all threads of this process) is recorded beside wall time: on shared
+    # cores it counts the work of the program, not the waiting for other processes.
+    cpu_times = {mode: [] for mode in MODES}
+    for _ in range(reps * rounds):
         for mode in MODES:
             step, state = runs[mode]
-            for _ in range(reps):
-                start = time.perf_counter()
-                state = jax.block_until_ready(step(*state, x, labels)[:3])
-                timings[mode].append(time.perf_counter() - start)
+            wall, cpu = time.perf_counter(), time.process_time()
+            state = jax.block_until_ready(step(*state, x, labels)[:3])
+            timings[mode].append(time.perf_counter() - wall)
+            cpu_times[mode].append(time.process_time() - cpu)
             runs[mode] = (step, state)
     for mode in MODES:
         stats[mode]["step_s"] = statistics.median(timings[mode])
+        stats[mode]["step_min_s"] = min(timings[mode])
+        stats[mode]["cpu_s"] = statistics.median(cpu_times[mode])
     return {
         "devices": len(devices),
         "platform": devices[0].platform,
@@ -193,23 +198,28 @@ def render(records: list[dict], command: str) -> str:
         "",
         f"W1-like DEQ (state 256, input 64), batch {first['batch']}, "
         f"platform `{first['platform']}`, jax {first['jax']}; "
-        f"`{command}`, {time.strftime('%Y-%m-%d')}. Median train-step times; "
+        f"`{command}`, {time.strftime('%Y-%m-%d')}, load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. Median train-step wall "
+        "times (minimum in brackets) and median CPU time per step (all threads of the "
+        "process: the work done, whatever else loads the machine); "
         "speed-up is relative to the same mode on 1 device; `shard_map / jit` < 1 "
         "means shard_map is faster. nfe: forward evaluations per sample (mean, and "
         "the slowest sample on each device, which is how long that device's loop "
         "runs under shard_map; under jit every device runs to the global maximum).",
         "",
-        "| devices | jit step (ms) | jit speed-up | shard_map step (ms) "
-        "| shard_map speed-up | shard_map / jit | nfe mean | nfe max per device |",
-        "|---|---|---|---|---|---|---|---|",
+        "| devices | jit step ms (min) | jit speed-up | jit CPU ms "
+        "| shard_map step ms (min) | shard_map speed-up | shard_map CPU ms "
+        "| shard_map / jit | nfe mean | nfe max per device |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
         jit, smap = record["modes"]["jit"], record["modes"]["shard_map"]
         lines.append(
-            f"| {record['devices']} | {jit['step_s'] * 1e3:.2f} "
-            f"| {base['jit'] / jit['step_s']:.2f}x "
-            f"| {smap['step_s'] * 1e3:.2f} "
-            f"| {base['shard_map'] / smap['step_s']:.2f}x "
+            f"| {record['devices']} "
+            f"| {jit['step_s'] * 1e3:.1f} ({jit['step_min_s'] * 1e3:.1f}) "
+            f"| {base['jit'] / jit['step_s']:.2f}x | {jit['cpu_s'] * 1e3:.1f} "
+            f"| {smap['step_s'] * 1e3:.1f} ({smap['step_min_s'] * 1e3:.1f}) "
+            f"| {base['shard_map'] / smap['step_s']:.2f}x | {smap['cpu_s'] * 1e3:.1f} "
             f"| {smap['step_s'] / jit['step_s']:.2f} "
             f"| {jit['nfe_mean']:.1f} "
             f"| {', '.join(str(n) for n in jit['nfe_max_per_device'])} |"
@@ -230,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", default="1,2,4", help="comma-separated counts")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=10, help="steps per round")
+    parser.add_argument(
+        "--reps", type=int, default=10, help="steps per round, per mode"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--real-devices",

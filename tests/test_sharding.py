@@ -293,5 +293,23 @@ def test_shard_map_apply_on_one_device_equals_apply():
     assert jax.tree.structure(st_new) == jax.tree.structure(st)
 
 
+@pytest.mark.slow
+def test_data_parallel_example_trains_on_two_devices():
+    script = os.path.join(
+        os.path.dirname(__file__), "..", "examples", "data_parallel.py"
+    )
+    env = dict(os.environ, JAX_ENABLE_X64="0")
+    done = subprocess.run(
+        [sys.executable, script, "--simulate-cpu-devices", "2", "--epochs", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert "2 cpu devices" in done.stdout
+    epochs = re.findall(r"test acc (\d\.\d+)", done.stdout)
+    assert len(epochs) == 2 and float(epochs[-1]) > 0.5
+
+
 if __name__ == "__main__":
     print(json.dumps(_checks()))
