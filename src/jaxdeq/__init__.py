@@ -1,12 +1,16 @@
 """jaxdeq: deep equilibrium models in JAX."""
 
-from . import nn as nn
+from . import equinox as equinox, flax as flax, nn as nn
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     ImplicitAdjoint as ImplicitAdjoint,
     OneStepGradient as OneStepGradient,
     PhantomGradient as PhantomGradient,
     UnrolledAdjoint as UnrolledAdjoint,
+)
+from ._checkpoint import (
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
 )
 from ._deq import (
     DeepEquilibriumNetwork as DeepEquilibriumNetwork,
