@@ -1,6 +1,9 @@
 """Interop: Flax (linen, NNX) and Equinox cells inside jaxdeq DEQs, and jaxdeq DEQs
 inside linen, NNX and Equinox models."""
 
+import re
+import textwrap
+
 import equinox as eqx
 import flax.linen as linen
 import jax
@@ -560,3 +563,21 @@ def test_equinox_model_with_deq_block_trains_on_digits():
         losses.append(float(value))
     assert losses[-1] < 0.9 * losses[0], losses
     assert net.deq.st["solution"].z_star.shape == (64, width)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        jaxdeq.flax.DEQ,
+        jaxdeq.flax.NNXDEQ,
+        jaxdeq.equinox.DEQ,
+        jaxdeq.save_checkpoint,
+        jaxdeq.load_checkpoint,
+    ],
+    ids=lambda obj: f"{obj.__module__}.{obj.__name__}",
+)
+def test_docstring_example_runs(obj):
+    examples = re.findall(r"```python\n(.*?)```", obj.__doc__, re.DOTALL)
+    assert examples
+    for example in examples:
+        exec(textwrap.dedent(example), {})

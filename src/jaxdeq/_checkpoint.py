@@ -87,7 +87,8 @@ def save_checkpoint(path: str | os.PathLike, tree: PyTree, *, overwrite: bool = 
     from jaxdeq import nn
 
     model = jaxdeq.DeepEquilibriumNetwork(
-        nn.Parallel(jnp.add, nn.Dense(2, 2), nn.Dense(2, 2)), jaxdeq.Anderson())
+        nn.Parallel(jnp.add, nn.Dense(2, 2), nn.Dense(2, 2)),
+        jaxdeq.Anderson(rtol=1e-5, atol=1e-5))
     ps, st = model.init(jax.random.key(0), jnp.ones((1, 2)))
     opt_state = optax.adam(1e-3).init(ps)
     path = tempfile.mkdtemp() + "/step_0"
@@ -148,7 +149,17 @@ def load_checkpoint(path: str | os.PathLike, like: PyTree) -> PyTree:
     **Example:**
 
     ```python
-    ps, st = jaxdeq.load_checkpoint(path, model.init(jax.random.key(0), x))
+    import tempfile, jax, jax.numpy as jnp, jaxdeq
+    from jaxdeq import nn
+
+    model = jaxdeq.DeepEquilibriumNetwork(
+        nn.Parallel(jnp.add, nn.Dense(2, 2), nn.Dense(2, 2)),
+        jaxdeq.Anderson(rtol=1e-5, atol=1e-5))
+    x = jnp.ones((1, 2))
+    ps, st = model.init(jax.random.key(0), x)
+    path = tempfile.mkdtemp() + "/model"
+    jaxdeq.save_checkpoint(path, (ps, st))
+    ps, st = jaxdeq.load_checkpoint(path, model.init(jax.random.key(1), x))
     ```
     """
     ocp = _orbax()

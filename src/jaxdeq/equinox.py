@@ -57,7 +57,7 @@ class DEQ(eqx.Module):
     block = jaxdeq.DeepEquilibriumNetwork(
         nn.Chain(nn.Parallel(jnp.add, nn.Dense(8, 8), nn.NoOpLayer()),
                  nn.WrappedFunction(jnp.tanh)),
-        jaxdeq.Anderson())
+        jaxdeq.Anderson(rtol=1e-5, atol=1e-5))
     x = jnp.ones((4, 8))
     deq = jaxdeq.equinox.DEQ(block, x, key=jax.random.key(0))
 

@@ -73,7 +73,7 @@ class DEQ(linen.Module):
     block = jaxdeq.DeepEquilibriumNetwork(
         nn.Chain(nn.Parallel(jnp.add, nn.Dense(8, 8), nn.NoOpLayer()),
                  nn.WrappedFunction(jnp.tanh)),
-        jaxdeq.Anderson())
+        jaxdeq.Anderson(rtol=1e-5, atol=1e-5))
 
     class Classifier(linen.Module):
         @linen.compact
@@ -177,7 +177,7 @@ class NNXDEQ(nnx.Module):
     block = jaxdeq.DeepEquilibriumNetwork(
         nn.Chain(nn.Parallel(jnp.add, nn.Dense(8, 8), nn.NoOpLayer()),
                  nn.WrappedFunction(jnp.tanh)),
-        jaxdeq.Anderson())
+        jaxdeq.Anderson(rtol=1e-5, atol=1e-5))
 
     class Classifier(nnx.Module):
         def __init__(self, rngs):

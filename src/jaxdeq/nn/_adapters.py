@@ -94,6 +94,13 @@ def from_flax(
       `{"train": True}`. Values must be hashable. Make one layer per mode: the
       layers share their `ps` and `st`.
 
+    **In a DEQ**, a cell that normalises with batch statistics (BatchNorm in training
+    mode) couples the samples of a batch: build the model with `joint_solve=True`.
+    The default per-sample solve calls the cell on batches of one sample, each
+    normalised by its own statistics. The new state comes from one call of the cell
+    at the fixed point, after the solve; in evaluation mode (running averages) the
+    cell no longer couples samples and either mode works.
+
     **Inputs:**
 
     - `x`: the module's input.
@@ -173,6 +180,13 @@ def from_nnx(
     - `module`: a `flax.nnx.Module`, called as `module(x, **call_kwargs)`.
     - `call_kwargs`: static keyword arguments for every call of the module. Values must
       be hashable.
+
+    **In a DEQ**, a cell that normalises with batch statistics (BatchNorm in training
+    mode) couples the samples of a batch: build the model with `joint_solve=True`.
+    The default per-sample solve calls the cell on batches of one sample, each
+    normalised by its own statistics. The new state comes from one call of the cell
+    at the fixed point, after the solve; in evaluation mode (running averages) the
+    cell no longer couples samples and either mode works.
 
     **Inputs:**
 
@@ -282,6 +296,13 @@ def from_equinox(
       call the module once on the whole of `x`.
     - `axis_name`: the name of the mapped axis, as used by the module's collective
       operations (`eqx.nn.BatchNorm(..., axis_name="batch")`).
+
+    **In a DEQ**, a cell that normalises with batch statistics (BatchNorm in training
+    mode) couples the samples of a batch: build the model with `joint_solve=True`.
+    The default per-sample solve calls the cell on batches of one sample, each
+    normalised by its own statistics. The new state comes from one call of the cell
+    at the fixed point, after the solve; in evaluation mode (running averages) the
+    cell no longer couples samples and either mode works.
 
     **Inputs:**
 
