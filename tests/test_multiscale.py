@@ -405,3 +405,37 @@ class TestBadInput:
             )
         with pytest.raises(TypeError, match="foo"):
             self._model(foo=1)
+
+
+def test_mdeq_image_classifier(getkey):
+    model = jaxdeq.mdeq_image_classifier(
+        jaxdeq.Broyden(rtol=1e-3, atol=1e-3),
+        num_classes=3,
+        image_size=(4, 8),
+        in_channels=1,
+        channels=(2, 4),
+        num_groups=2,
+        max_steps=6,
+    )
+    x = jax.random.normal(getkey(), (2, 4, 8, 1), jnp.float32)
+    ps, st = model.init(getkey(), x)
+    assert set(ps) == {"stem", "deq", "head"} and len(ps["deq"]["mapping"]) == 2
+
+    @jax.jit
+    def loss(ps):
+        logits, st_new = model.apply(ps, st, x)
+        return jnp.mean(logits**2), (logits, st_new)
+
+    (value, (logits, st_new)), g = jax.value_and_grad(loss, has_aux=True)(ps)
+    assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+    sol = st_new["deq"]["solution"]
+    assert [z.shape for z in sol.z_star] == [(2, 4, 8, 2), (2, 2, 4, 4)]
+    assert np.all(sol.nfe <= 6) and np.all(np.isfinite(sol.residual_norm))
+    assert jtu.tree_structure(st_new) == jtu.tree_structure(st)
+    leaves = jtu.tree_leaves(g["deq"])
+    assert all(np.all(np.isfinite(leaf)) for leaf in leaves)
+    assert any(np.any(leaf != 0) for leaf in leaves)
+    with pytest.raises(ValueError, match="image_size"):
+        jaxdeq.mdeq_image_classifier(optx.Newton(1e-3, 1e-3), image_size=6)
+    with pytest.raises(ValueError, match=r"channels\[1\]"):
+        jaxdeq.mdeq_image_classifier(optx.Newton(1e-3, 1e-3), channels=(4, 6))

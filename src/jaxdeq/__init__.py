@@ -33,5 +33,9 @@ from ._solution import (
     RESULTS as RESULTS,
     DeepEquilibriumSolution as DeepEquilibriumSolution,
 )
+from ._zoo import (
+    MDEQImageClassifier as MDEQImageClassifier,
+    mdeq_image_classifier as mdeq_image_classifier,
+)
 
 __version__ = "0.1.0"

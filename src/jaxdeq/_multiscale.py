@@ -342,7 +342,10 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
                 layer_key = jax.random.fold_in(layer_key, k)
             one_ps, one_st = layer.init(layer_key, inp)
             layer_ps[group][index], layer_st[group][index] = one_ps, one_st
-            return layer.apply(one_ps, one_st, inp)[0]
+            # The next layer's sample input: zeros of the output's shape and dtype,
+            # so that only the initialisers are compiled, not the map itself.
+            out = jax.eval_shape(lambda: layer.apply(one_ps, one_st, inp)[0])
+            return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out)
 
         self._fuse(z, x, call)
         return dict(ps, **self._nest(layer_ps)), dict(st, **self._nest(layer_st))

@@ -1,0 +1,251 @@
+"""Ready-made models built from jaxdeq's layers: an MDEQ-style image classifier."""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray
+
+from ._multiscale import MultiScaleDeepEquilibriumNetwork
+from .nn import Chain, Conv, Dense, NoOpLayer, WrappedFunction, from_flax
+from .nn._core import AbstractLayer
+
+
+def _group_norm(num_groups: int) -> AbstractLayer:
+    return from_flax(linen.GroupNorm(num_groups=num_groups))
+
+
+def _upsample(y: Array, factor: int) -> Array:
+    """Nearest-neighbour upsampling of NHWC images by an integer factor."""
+    return jnp.repeat(jnp.repeat(y, factor, axis=1), factor, axis=2)
+
+
+def _pool_and_concatenate(zs: tuple[Array, ...]) -> Array:
+    """Global average pooling of every scale, features concatenated."""
+    return jnp.concatenate([jnp.mean(z, axis=(1, 2)) for z in zs], axis=-1)
+
+
+class MDEQBlock(AbstractLayer):
+    """The residual block of MDEQ (Bai et al., 2020) for one scale:
+    `h = relu(GN(conv(z)))`, `h = GN(conv(h) + x)`, `y = relu(GN(h + z))`, with 3x3
+    convolutions and GroupNorm; the input injection `x` only with `injection=True`.
+
+    **Arguments:**
+
+    - `channels`: the number of channels of the scale.
+    - `num_groups`: GroupNorm's number of groups (divides `channels`).
+    - `injection`: whether the block takes `(z, x)` and adds `x` (scale 0).
+
+    **Inputs:** `z` (NHWC), or `(z, x)` with `injection`, `x` shaped like `z`.
+
+    **Returns:** `y` shaped like `z`, and the state.
+
+    **Parameters:** `{"conv1", "norm1", "conv2", "norm2", "norm3"}`.
+
+    **States:** the same keys, each `{}`.
+    """
+
+    channels: int = eqx.field(static=True)
+    num_groups: int = eqx.field(static=True)
+    injection: bool = eqx.field(static=True)
+
+    def _layers(self) -> dict[str, AbstractLayer]:
+        c = self.channels
+        return {
+            "conv1": Conv(3, c, c, use_bias=False),
+            "norm1": _group_norm(self.num_groups),
+            "conv2": Conv(3, c, c, use_bias=False),
+            "norm2": _group_norm(self.num_groups),
+            "norm3": _group_norm(self.num_groups),
+        }
+
+    def init(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
+        z = x[0] if self.injection else x
+        keys = jax.random.split(key, 5)
+        ps, st = {}, {}
+        for k, (name, layer) in zip(keys, self._layers().items(), strict=True):
+            ps[name], st[name] = layer.init(k, z)
+        return ps, st
+
+    def apply(self, ps: dict, st: dict, x: Any) -> tuple[Array, dict]:
+        z, injected = x if self.injection else (x, None)
+        layers = self._layers()
+
+        def run(name, inp):
+            return layers[name].apply(ps[name], st[name], inp)[0]
+
+        h = jax.nn.relu(run("norm1", run("conv1", z)))
+        h = run("conv2", h)
+        if injected is not None:
+            h = h + injected
+        h = run("norm2", h)
+        return jax.nn.relu(run("norm3", h + z)), st
+
+
+def _mapping(i: int, j: int, channels: Sequence[int], num_groups: int):
+    """Scale `i` -> scale `j`: identity, strided 3x3 convs down, or a 1x1 conv and
+    nearest upsampling up."""
+    if i == j:
+        return NoOpLayer()
+    c_in, c_out = channels[i], channels[j]
+    if i < j:
+        steps = []
+        for step in range(j - i):
+            last = step == j - i - 1
+            steps += [
+                Conv(3, c_in, c_out if last else c_in, stride=2, use_bias=False),
+                _group_norm(num_groups),
+            ]
+            if not last:
+                steps.append(WrappedFunction(jax.nn.relu))
+        return Chain(*steps)
+    return Chain(
+        Conv(1, c_in, c_out, use_bias=False),
+        _group_norm(num_groups),
+        WrappedFunction(functools.partial(_upsample, factor=2 ** (i - j))),
+    )
+
+
+class MDEQImageClassifier(AbstractLayer):
+    """An MDEQ-style image classifier (Bai et al., 2020): `stem -> deq -> head`.
+    Build it with [`jaxdeq.mdeq_image_classifier`][].
+
+    **Inputs:** images `(batch, height, width, in_channels)`.
+
+    **Returns:** logits `(batch, num_classes)`, and the state.
+
+    **Parameters:** `{"stem": ..., "deq": ..., "head": ...}`.
+
+    **States:** the same keys; the DEQ's solution is `st["deq"]["solution"]`.
+    """
+
+    stem: AbstractLayer
+    deq: MultiScaleDeepEquilibriumNetwork
+    head: AbstractLayer
+
+    def init(self, key: PRNGKeyArray, x: Array) -> tuple[dict, dict]:
+        # Sample inputs of the next part are zeros of the right shape: running the
+        # solve at init time (as `nn.Chain` would) only costs time.
+        stem_key, deq_key, head_key = jax.random.split(key, 3)
+        ps, st = {}, {}
+        ps["stem"], st["stem"] = jax.jit(self.stem.init)(stem_key, x)
+        h = _zeros_like_output(self.stem, ps["stem"], st["stem"], x)
+        ps["deq"], st["deq"] = self.deq.init(deq_key, h)
+        z = _zeros_like_output(self.deq, ps["deq"], st["deq"], h)
+        ps["head"], st["head"] = self.head.init(head_key, z)
+        return ps, st
+
+    def apply(self, ps: dict, st: dict, x: Array) -> tuple[Array, dict]:
+        h, stem_st = self.stem.apply(ps["stem"], st["stem"], x)
+        z, deq_st = self.deq.apply(ps["deq"], st["deq"], h)
+        logits, head_st = self.head.apply(ps["head"], st["head"], z)
+        return logits, {"stem": stem_st, "deq": deq_st, "head": head_st}
+
+
+def _zeros_like_output(layer: AbstractLayer, ps, st, x):
+    out = jax.eval_shape(lambda: layer.apply(ps, st, x)[0])
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+
+
+def mdeq_image_classifier(
+    solver: Any,
+    *,
+    num_classes: int = 10,
+    image_size: int | tuple[int, int] = 32,
+    in_channels: int = 3,
+    channels: Sequence[int] = (8, 16, 32),
+    num_groups: int = 4,
+    **deq_kwargs,
+) -> MDEQImageClassifier:
+    """An MDEQ-style image classifier (Bai et al., 2020), small by default:
+    `stem -> deq -> head`.
+
+    - stem: 3x3 conv to `channels[0]`, GroupNorm, ReLU;
+    - deq: a [`jaxdeq.MultiScaleDeepEquilibriumNetwork`][] with one scale per entry of
+        `channels`, scale `i` at resolution `image_size / 2**i`: an [`MDEQBlock`][]
+        per scale (the stem's features injected at scale 0), strided 3x3 convs
+        (+ GroupNorm) to go down, 1x1 conv + GroupNorm + nearest upsampling to go up,
+        and ReLU, 1x1 conv, GroupNorm after fusing;
+    - head: every scale average-pooled, concatenated, a linear layer to the logits.
+
+    **Arguments:**
+
+    - `solver`: the DEQ's solver, e.g. `jaxdeq.Broyden(rtol=1e-3, atol=1e-3)`.
+    - `num_classes`: the number of logits.
+    - `image_size`: the input's `(height, width)` (or one int for square images),
+        divisible by `2**(len(channels) - 1)`.
+    - `in_channels`: the input's channels (NHWC).
+    - `channels`: the channels of each scale, each divisible by `num_groups`.
+    - `num_groups`: GroupNorm's number of groups.
+    - `**deq_kwargs`: keyword arguments of `MultiScaleDeepEquilibriumNetwork`
+        (`max_steps`, `adjoint`, `jacobian_regularization`, `init`, ...).
+
+    **Returns:** an `MDEQImageClassifier`; its `apply` maps images
+    `(batch, height, width, in_channels)` to logits `(batch, num_classes)`. The DEQ is
+    `model.deq`, its parameters `ps["deq"]` and its solution
+    `st["deq"]["solution"]`.
+
+    **Example:**
+
+    ```python
+    >>> import jax, jax.numpy as jnp, jaxdeq
+    >>> model = jaxdeq.mdeq_image_classifier(
+    ...     jaxdeq.Broyden(rtol=1e-3, atol=1e-3), image_size=8, in_channels=1,
+    ...     channels=(4, 8), num_groups=2, max_steps=8)
+    >>> x = jnp.ones((2, 8, 8, 1))
+    >>> ps, st = model.init(jax.random.key(0), x)
+    >>> logits, st = model.apply(ps, st, x)
+    >>> logits.shape, [z.shape for z in st["deq"]["solution"].z_star]
+    ((2, 10), [(2, 8, 8, 4), (2, 4, 4, 8)])
+
+    ```
+    """
+    height, width = (
+        (image_size, image_size) if isinstance(image_size, int) else (tuple(image_size))
+    )
+    channels = tuple(channels)
+    n = len(channels)
+    if n == 0:
+        raise ValueError("channels: expected at least one scale, got ()")
+    if height % 2 ** (n - 1) or width % 2 ** (n - 1):
+        raise ValueError(
+            f"image_size: expected height and width divisible by 2**(len(channels) "
+            f"- 1) = {2 ** (n - 1)}, got {(height, width)}"
+        )
+    for i, c in enumerate(channels):
+        if c % num_groups:
+            raise ValueError(
+                f"channels[{i}]: expected a multiple of num_groups={num_groups}, "
+                f"got {c}"
+            )
+    stem = Chain(
+        Conv(3, in_channels, channels[0], use_bias=False),
+        _group_norm(num_groups),
+        WrappedFunction(jax.nn.relu),
+    )
+    main_layers = tuple(
+        MDEQBlock(c, num_groups, injection=i == 0) for i, c in enumerate(channels)
+    )
+    mapping_layers = tuple(
+        tuple(_mapping(i, j, channels, num_groups) for j in range(n)) for i in range(n)
+    )
+    post_fuse_layer = tuple(
+        Chain(
+            WrappedFunction(jax.nn.relu),
+            Conv(1, c, c, use_bias=False),
+            _group_norm(num_groups),
+        )
+        for c in channels
+    )
+    scales = tuple((height // 2**i, width // 2**i, c) for i, c in enumerate(channels))
+    deq = MultiScaleDeepEquilibriumNetwork(
+        main_layers, mapping_layers, post_fuse_layer, solver, scales, **deq_kwargs
+    )
+    head = Chain(
+        WrappedFunction(_pool_and_concatenate), Dense(sum(channels), num_classes)
+    )
+    return MDEQImageClassifier(stem, deq, head)
