@@ -149,3 +149,13 @@ def test_mismatched_like_is_reported(tmp_path):
 def test_unsupported_leaf_is_a_type_error(tmp_path):
     with pytest.raises(TypeError, match="tree: .*str"):
         jaxdeq.save_checkpoint(tmp_path / "ckpt", {"name": "deq"})
+
+
+def test_state_shaped_by_another_batch_is_reported(tmp_path):
+    model = _model()
+    x = jax.random.normal(jax.random.key(0), (4, WIDTH))
+    ps, st = model.init(jax.random.key(1), x)
+    jaxdeq.save_checkpoint(tmp_path / "ckpt", st)
+    _, like = model.init(jax.random.key(1), x[:1])
+    with pytest.raises(ValueError, match=r"like: the leaf \['solution'\]"):
+        jaxdeq.load_checkpoint(tmp_path / "ckpt", like)

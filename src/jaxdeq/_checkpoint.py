@@ -27,8 +27,7 @@ def _is_key(leaf: Any) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def _describe(leaf: Any) -> dict:
-    """The part of a leaf's type that the array file does not record."""
+def _kind(leaf: Any) -> dict:
     if _is_key(leaf):
         return {"kind": "key", "impl": str(jax.random.key_impl(leaf))}
     if isinstance(leaf, jax.Array):
@@ -41,6 +40,15 @@ def _describe(leaf: Any) -> dict:
         "tree: checkpoints hold arrays, PRNG keys and Python numbers, got a leaf of "
         f"type {type(leaf).__name__}"
     )
+
+
+def _describe(leaf: Any) -> dict:
+    """What a leaf is (its kind, shape and dtype), checked against `like` on load."""
+    kind = _kind(leaf)
+    if kind["kind"] in ("key", "array", "numpy"):
+        kind["shape"] = list(np.shape(leaf))
+        kind["dtype"] = str(leaf.dtype)
+    return kind
 
 
 def _to_array(leaf: Any) -> Any:
@@ -188,7 +196,8 @@ def load_checkpoint(path: str | os.PathLike, like: PyTree) -> PyTree:
             if saved_kind != kind:
                 raise ValueError(
                     f"like: the leaf {name} was saved as {saved_kind}, `like` has "
-                    f"{kind}"
+                    f"{kind} (a DEQ's `st` holds the solution of its last call, "
+                    "shaped by that call's batch)"
                 )
         stored = checkpointer.restore(
             path,
