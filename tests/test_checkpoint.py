@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jaxdeq
 import jaxdeq.equinox
@@ -159,3 +160,15 @@ def test_state_shaped_by_another_batch_is_reported(tmp_path):
     _, like = model.init(jax.random.key(1), x[:1])
     with pytest.raises(ValueError, match=r"like: the leaf \['solution'\]"):
         jaxdeq.load_checkpoint(tmp_path / "ckpt", like)
+
+
+def test_round_trip_of_nnx_state(tmp_path):
+    model = _model()
+    x = jax.random.normal(jax.random.key(0), (4, WIDTH))
+    module = jaxdeq.flax.NNXDEQ(model, x, rngs=nnx.Rngs(0))
+    module(x)
+    jaxdeq.save_checkpoint(tmp_path / "ckpt", nnx.state(module))
+    fresh = jaxdeq.flax.NNXDEQ(model, x, rngs=nnx.Rngs(1))
+    nnx.update(fresh, jaxdeq.load_checkpoint(tmp_path / "ckpt", nnx.state(fresh)))
+    _assert_bit_identical(nnx.state(fresh), nnx.state(module))
+    _assert_bit_identical(fresh(x), module(x))
