@@ -417,3 +417,48 @@ class TestBadInput:
             jax.jit(lambda n: model.apply(ps, st, x, max_steps=n))(jnp.array(3))
         _, st = model.apply(ps, st, x, max_steps=5)
         assert int(st["solution"].nfe[0]) <= 5
+
+
+def _while_loop_convs(jaxpr):
+    """Dimension numbers of every convolution inside a `while` loop body."""
+    found = []
+
+    def walk(jaxpr, in_loop):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated" and in_loop:
+                found.append(eqn.params["dimension_numbers"])
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    walk(inner, in_loop or eqn.primitive.name == "while")
+
+    walk(jaxpr.jaxpr, False)
+    return found
+
+
+def test_conv_backward_is_canonical_and_exact(getkey):
+    """The implicit backward pass re-emits the cell's conv VJPs in the canonical
+    NHWC/HWIO layout (XLA:CPU's fast path inside loops) without changing gradients."""
+    x = jax.random.normal(getkey(), (2, 4, 4, 2))
+    c = jax.random.normal(getkey(), (2, 4, 4, 2))
+    solver = optx.FixedPointIteration(rtol=1e-13, atol=1e-13)
+    implicit = jaxdeq.DeepEquilibriumNetwork(
+        conv_cell(2, 0.7),
+        solver,
+        max_steps=200,
+        adjoint=jaxdeq.ImplicitAdjoint(atol=1e-14, max_steps=500),
+    )
+    unrolled = jaxdeq.DeepEquilibriumNetwork(
+        conv_cell(2, 0.7), solver, max_steps=200, adjoint=jaxdeq.UnrolledAdjoint()
+    )
+    ps, st = implicit.init(getkey(), x)
+    loss = _loss_fn(implicit, st, x, c)
+    g_imp = jax.grad(loss, argnums=(0, 1))(ps, x)
+    g_unr = jax.grad(_loss_fn(unrolled, st, x, c), argnums=(0, 1))(ps, x)
+    assert max_rel_error(g_imp, g_unr) <= 1e-8
+    loop_convs = _while_loop_convs(jax.make_jaxpr(jax.grad(loss))(ps, x))
+    assert loop_convs, "expected convolutions inside the backward loop"
+    canonical = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+    assert all(
+        (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == canonical for dn in loop_convs
+    )
