@@ -24,9 +24,25 @@ def _upsample(y: Array, factor: int) -> Array:
     return jnp.repeat(jnp.repeat(y, factor, axis=1), factor, axis=2)
 
 
-def _pool_and_concatenate(zs: tuple[Array, ...]) -> Array:
-    """Global average pooling of every scale, features concatenated."""
-    return jnp.concatenate([jnp.mean(z, axis=(1, 2)) for z in zs], axis=-1)
+def _head_grid(height: int, width: int, grid: int) -> tuple[int, int]:
+    return min(grid, height), min(grid, width)
+
+
+def _pool_and_concatenate(zs: tuple[Array, ...], grid: int) -> Array:
+    """Every scale through a ReLU, average-pooled (antialiased resize) to a small
+    `grid x grid` map, flattened; the scales' features concatenated. A coarse grid
+    rather than global pooling: small models have too few channels for a global
+    average to tell classes apart."""
+    features = []
+    for z in zs:
+        batch, height, width, channels = z.shape
+        pooled = jax.image.resize(
+            jax.nn.relu(z),
+            (batch, *_head_grid(height, width, grid), channels),
+            method="linear",
+        )
+        features.append(pooled.reshape(batch, -1))
+    return jnp.concatenate(features, axis=-1)
 
 
 class MDEQBlock(AbstractLayer):
@@ -159,6 +175,7 @@ def mdeq_image_classifier(
     in_channels: int = 3,
     channels: Sequence[int] = (8, 16, 32),
     num_groups: int = 4,
+    head_grid: int = 4,
     **deq_kwargs,
 ) -> MDEQImageClassifier:
     """An MDEQ-style image classifier (Bai et al., 2020), small by default:
@@ -170,7 +187,8 @@ def mdeq_image_classifier(
         per scale (the stem's features injected at scale 0), strided 3x3 convs
         (+ GroupNorm) to go down, 1x1 conv + GroupNorm + nearest upsampling to go up,
         and ReLU, 1x1 conv, GroupNorm after fusing;
-    - head: every scale average-pooled, concatenated, a linear layer to the logits.
+    - head: every scale through a ReLU, average-pooled to a `head_grid x head_grid`
+        map, flattened and concatenated, a linear layer to the logits.
 
     **Arguments:**
 
@@ -181,6 +199,8 @@ def mdeq_image_classifier(
     - `in_channels`: the input's channels (NHWC).
     - `channels`: the channels of each scale, each divisible by `num_groups`.
     - `num_groups`: GroupNorm's number of groups.
+    - `head_grid`: the side of the grid each scale is pooled to for the head
+        (`1`: global average pooling).
     - `**deq_kwargs`: keyword arguments of `MultiScaleDeepEquilibriumNetwork`
         (`max_steps`, `adjoint`, `jacobian_regularization`, `init`, ...).
 
@@ -245,7 +265,13 @@ def mdeq_image_classifier(
     deq = MultiScaleDeepEquilibriumNetwork(
         main_layers, mapping_layers, post_fuse_layer, solver, scales, **deq_kwargs
     )
+    num_features = sum(
+        c * h * w
+        for (height_i, width_i, c) in scales
+        for h, w in [_head_grid(height_i, width_i, head_grid)]
+    )
     head = Chain(
-        WrappedFunction(_pool_and_concatenate), Dense(sum(channels), num_classes)
+        WrappedFunction(functools.partial(_pool_and_concatenate, grid=head_grid)),
+        Dense(num_features, num_classes),
     )
     return MDEQImageClassifier(stem, deq, head)
