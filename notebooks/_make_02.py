@@ -1,4 +1,4 @@
-"""Writes `02_multiscale.ipynb` (unexecuted): `python notebooks/make_02_multiscale.py`."""
+"""Writes `02_multiscale.ipynb` (unexecuted): `python notebooks/_make_02.py`."""
 
 import pathlib
 
