@@ -37,7 +37,9 @@ class WorkloadCell(nn.AbstractLayer):
 
     def init(self, key, x):
         # The benchmark owns the parameters; init only fixes their structure.
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.param_structs), {}
+        return jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), self.param_structs
+        ), {}
 
     def apply(self, ps, st, x):
         z, injection = x

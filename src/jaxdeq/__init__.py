@@ -28,11 +28,11 @@ from ._regularization import (
     spectral_radius as spectral_radius,
 )
 from ._sharding import shard_map_apply as shard_map_apply
-from ._solver import Anderson as Anderson, Broyden as Broyden
 from ._solution import (
     RESULTS as RESULTS,
     DeepEquilibriumSolution as DeepEquilibriumSolution,
 )
+from ._solver import Anderson as Anderson, Broyden as Broyden
 from ._zoo import (
     MDEQImageClassifier as MDEQImageClassifier,
     mdeq_image_classifier as mdeq_image_classifier,
