@@ -462,3 +462,26 @@ def test_conv_backward_is_canonical_and_exact(getkey):
     assert all(
         (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == canonical for dn in loop_convs
     )
+
+
+def test_mixed_precision_bf16_cell_float32_solver(getkey):
+    x = jax.random.normal(getkey(), (3, 8), jnp.float32)
+    solver = jaxdeq.Anderson(1e-3, 1e-5)
+    full = jaxdeq.DeepEquilibriumNetwork(dense_cell(8), solver)
+    mixed = jaxdeq.DeepEquilibriumNetwork(
+        dense_cell(8), solver, compute_dtype=jnp.bfloat16
+    )
+    ps, st = full.init(getkey(), x)
+    z_full, _ = full.apply(ps, st, x)
+    z_mixed, st_mixed = jax.jit(mixed.apply)(ps, st, x)
+    sol = st_mixed["solution"]
+    # the solver's state and residuals stay float32; the cell ran in bfloat16
+    assert z_mixed.dtype == jnp.float32 and sol.residual.dtype == jnp.float32
+    assert jax.eval_shape(lambda: st) == jax.eval_shape(lambda: st_mixed)
+    assert np.allclose(z_mixed, z_full, atol=3e-2)
+    jaxpr = jax.make_jaxpr(mixed.apply)(ps, st, x)
+    assert "bf16" in str(jaxpr)
+    g = jax.grad(lambda ps: jnp.sum(mixed.apply(ps, st, x)[0]))(ps)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jtu.tree_leaves(g))
+    with pytest.raises(TypeError, match="compute_dtype"):
+        jaxdeq.DeepEquilibriumNetwork(dense_cell(8), solver, compute_dtype=jnp.int8)

@@ -76,6 +76,11 @@ class DeepEquilibriumNetwork(AbstractLayer):
         runs until its slowest sample stops, finished samples frozen). `True` solves
         the whole batch as one problem, for cells that couple samples (BatchNorm).
     - `trace`: record per-iteration residual norms in `solution.trace`.
+    - `compute_dtype`: mixed precision, e.g. `jnp.bfloat16`: the cell computes in
+        this dtype (parameters, state and input cast on the way in, the output cast
+        back), while the solver's state, residuals and norms stay in the state's
+        dtype (float32 with float32 inputs). `None` (default) computes in the
+        state's dtype.
     - `sample_states`: store that many iterates of the solve, evenly spaced over
         `max_steps`, in `solution.states`, each with a one-step gradient, for
         [`jaxdeq.fixed_point_correction_loss`][] (optimistix-style solvers only).

@@ -37,6 +37,7 @@ class EquilibriumConfig(eqx.Module):
     joint_solve: bool
     trace: bool
     sample_states: int
+    compute_dtype: Any
 
     def __init__(
         self,
@@ -50,9 +51,18 @@ class EquilibriumConfig(eqx.Module):
         joint_solve=False,
         trace=False,
         sample_states=0,
+        compute_dtype=None,
         **solver_options,
     ):
         self.backend = make_backend(solver, solver_options)
+        if compute_dtype is not None:
+            compute_dtype = jnp.dtype(compute_dtype)
+            if not jnp.issubdtype(compute_dtype, jnp.floating):
+                raise TypeError(
+                    "compute_dtype: expected None or a floating dtype such as "
+                    f"jnp.bfloat16, got {compute_dtype}"
+                )
+        self.compute_dtype = compute_dtype
         if jacobian_regularization is not None and (
             jacobian_regularization not in JACOBIAN_MODES
         ):
@@ -177,6 +187,33 @@ def check_cell_output(cell: BatchedCell, ps, st, z0, x, name: str = "model"):
         )
 
 
+def _cast_floating(tree, dtype):
+    return jtu.tree_map(
+        lambda leaf: (
+            leaf.astype(dtype)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+            else leaf
+        ),
+        tree,
+    )
+
+
+def _mixed_precision(cell: BatchedCell, dtype) -> BatchedCell:
+    """Run the cell in `dtype` (parameters, state and input cast on the way in) while
+    the solver's state, residuals and norms stay in the state's own dtype."""
+
+    def mixed(ps, st, z, x):
+        fz, st = cell(
+            _cast_floating(ps, dtype),
+            st,
+            _cast_floating(z, dtype),
+            _cast_floating(x, dtype),
+        )
+        return jtu.tree_map(lambda out, ref: out.astype(ref.dtype), fz, z), st
+
+    return mixed
+
+
 def solve_equilibrium(
     config: EquilibriumConfig,
     cell: BatchedCell,
@@ -190,6 +227,8 @@ def solve_equilibrium(
 ) -> tuple[PyTree[Array], PyTree, DeepEquilibriumSolution]:
     """Run `cell` from `z0` to equilibrium; returns `(z*, new cell state, solution)`."""
     budget = config.budget(max_steps)
+    if config.compute_dtype is not None:
+        cell = _mixed_precision(cell, config.compute_dtype)
     # A Python-int budget is static (diffrax's step cap must be); arrays stay traced.
     static_budget = budget if isinstance(budget, int) else None
     if static_budget is not None:
