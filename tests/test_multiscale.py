@@ -439,3 +439,40 @@ def test_mdeq_image_classifier(getkey):
         jaxdeq.mdeq_image_classifier(optx.Newton(1e-3, 1e-3), image_size=6)
     with pytest.raises(ValueError, match=r"channels\[1\]"):
         jaxdeq.mdeq_image_classifier(optx.Newton(1e-3, 1e-3), channels=(4, 6))
+
+
+_PREPARE_CALLS = []
+
+
+class _CountingPrepare(nn.AbstractLayer):
+    """Delegates to `layer`, counting the (trace-time) calls of `prepare`."""
+
+    layer: nn.AbstractLayer
+
+    def init(self, key, x):
+        return self.layer.init(key, x)
+
+    def prepare(self, ps, st):
+        _PREPARE_CALLS.append(None)
+        return self.layer.prepare(ps, st)
+
+    def apply(self, ps, st, x):
+        return self.layer.apply(ps, st, x)
+
+
+def test_layers_are_prepared_once_per_forward_pass(getkey):
+    main, mapping, _, scales = _small_layers()
+    mapping = (
+        (mapping[0][0], _CountingPrepare(nn.WeightNorm(mapping[0][1]))),
+        mapping[1],
+    )
+    model = jaxdeq.MultiScaleDeepEquilibriumNetwork(
+        main, mapping, None, optx.Newton(rtol=1e-10, atol=1e-10), scales
+    )
+    x = jax.random.normal(getkey(), (2, 3))
+    ps, st = model.init(getkey(), x)
+    _PREPARE_CALLS.clear()
+    z, _ = jax.jit(model.apply)(ps, st, x)
+    assert len(_PREPARE_CALLS) == 1
+    # the prepared (normalized) kernel gives the map of the unprepared layers
+    assert max(_scale_residuals(model, ps, st, z, x)) < 1e-8

@@ -266,10 +266,9 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
         new_st = {group: {} for group in st}
 
         def call(group, index, layer, inp):
-            layer_ps, layer_st = ps[group], st[group]
-            for k in index:
-                layer_ps, layer_st = layer_ps[k], layer_st[k]
-            out, new_st[group][index] = layer.apply(layer_ps, layer_st, inp)
+            out, new_st[group][index] = layer.apply(
+                _at(ps[group], index), _at(st[group], index), inp
+            )
             return out
 
         fz = self._fuse(tuple(z), x, call)
@@ -303,7 +302,7 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
             init_st.append(layer_st)
         return tuple(z), tuple(init_st)
 
-    def _initial_state(self, ps, st, x):
+    def _initial_state(self, ps, st, cell_ps, cell_st, x):
         """`(u0, z0, init layers' state)`."""
         zeros = self._zeros(x)
         if self.init_mode == "layer":
@@ -311,8 +310,29 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
             return u0, u0, st_init
         if self.init_mode == "zeros":
             return zeros, zeros, None
-        u0, _ = self._cell(_cell_part(ps), _cell_part(st), zeros, x)
+        u0, _ = self._cell(cell_ps, cell_st, zeros, x)
         return u0, u0, None
+
+    def _indexed_layers(self):
+        """`((group, index), layer)` for every layer of the cell."""
+        n = len(self.main_layers)
+        for i, layer in enumerate(self.main_layers):
+            yield ("main", (i,)), layer
+        for i in range(n):
+            for j in range(n):
+                yield ("mapping", (i, j)), self.mapping_layers[i][j]
+        for j, layer in enumerate(self.post_fuse_layer or ()):
+            yield ("post_fuse", (j,)), layer
+
+    def _prepare(self, ps: dict, st: dict) -> tuple[dict, dict]:
+        """Every cell layer's `prepare` (see `AbstractLayer.prepare`), run once per
+        forward pass instead of at every solver iteration."""
+        new_ps, new_st = {group: {} for group in ps}, {group: {} for group in st}
+        for (group, index), layer in self._indexed_layers():
+            new_ps[group][index], new_st[group][index] = layer.prepare(
+                _at(ps[group], index), _at(st[group], index)
+            )
+        return self._nest(new_ps), self._nest(new_st)
 
     def _init_layers(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
         """Every layer's `(ps, st)`, each layer initialised on its sample input."""
@@ -367,8 +387,8 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
     ) -> tuple[tuple[Array, ...], PyTree]:
         _check_input(x)
         key, probe_key = jax.random.split(st["key"])
-        cell_ps, cell_st = _cell_part(ps), _cell_part(st)
-        u0, z0, st_init = self._initial_state(ps, st, x)
+        cell_ps, cell_st = self._prepare(_cell_part(ps), _cell_part(st))
+        u0, z0, st_init = self._initial_state(ps, st, cell_ps, cell_st, x)
         check_cell_output(self._cell, cell_ps, cell_st, z0, x, name="main_layers")
         z, new_cell_st, solution = solve_equilibrium(
             self.config, self._cell, cell_ps, cell_st, x, u0, z0, probe_key, max_steps
@@ -377,6 +397,12 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
         if st_init is not None:
             new_st["init"] = st_init
         return tuple(z), new_st
+
+
+def _at(tree: Any, index: tuple[int, ...]) -> Any:
+    for k in index:
+        tree = tree[k]
+    return tree
 
 
 def _cell_part(tree: dict) -> dict:
