@@ -102,7 +102,7 @@ MODES = {
     "implicit": EXACT,
     "anderson": jaxdeq.ImplicitAdjoint("anderson", atol=1e-12, max_steps=200),
     "gmres": jaxdeq.ImplicitAdjoint(lx.GMRES(rtol=1e-10, atol=1e-10)),
-    "phantom": jaxdeq.PhantomGradient(40, 0.8),
+    "phantom": jaxdeq.PhantomGradient(10, 0.8),
     "one_step": jaxdeq.OneStepGradient(),
     "unrolled": jaxdeq.UnrolledAdjoint(),
 }

@@ -235,6 +235,8 @@ class PhantomGradient(AbstractAdjoint):
     def apply(self, forward, f, z0, args, budget):
         out = _no_grad_forward(forward, z0, args, budget)
         z = jax.lax.stop_gradient(out.z)
+        # Unrolled in Python, not a loop: `steps` is small, and XLA:CPU runs
+        # convolution VJPs inside loops far slower than unrolled (BENCHMARKS.md).
         for _ in range(self.steps):
             fz = f(z, args)
             z = jax.tree_util.tree_map(
