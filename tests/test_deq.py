@@ -32,6 +32,7 @@ def test_seed_first_example():
     ps, st = model.init(jax.random.key(0), x)
     y, st = jax.jit(model.apply)(ps, st, x)
     assert y.shape == (1, 2)
+    assert y.dtype == jnp.float32  # diffrax promotes to float64 under x64; we don't
     sol = st["solution"]
     assert isinstance(sol, jaxdeq.DeepEquilibriumSolution)
     assert sol.nfe.shape == (1,) and int(sol.nfe[0]) > 0

@@ -248,7 +248,8 @@ class DiffraxBackend(eqx.Module):
             max_steps=max_steps,
             throw=False,
         )
-        z = jtu.tree_map(lambda leaf: leaf[0], sol.ys)
+        # (diffrax promotes the state to its time dtype, float64 under x64)
+        z = jtu.tree_map(lambda leaf, ref: leaf[0].astype(ref.dtype), sol.ys, z0)
         finite = tree_all_finite(z)
         code = jnp.where(
             ~finite,
@@ -283,7 +284,8 @@ class DiffraxBackend(eqx.Module):
             max_steps=max_steps,
             throw=False,
         )
-        z = jtu.tree_map(lambda leaf: leaf[0], sol.ys)
+        # (diffrax promotes the state to its time dtype, float64 under x64)
+        z = jtu.tree_map(lambda leaf, ref: leaf[0].astype(ref.dtype), sol.ys, z0)
         finite = tree_all_finite(z)
         code = jnp.where(
             ~finite,
