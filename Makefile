@@ -36,6 +36,7 @@ format: venv
 	$(BIN)/ruff check --fix src tests benchmarks
 
 bench: venv
+	bash benchmarks/envs.sh
 	$(BIN)/python benchmarks/run_all.py
 
 bench-tiny: venv
