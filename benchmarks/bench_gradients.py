@@ -18,7 +18,11 @@ solved per sample by jaxdeq's Anderson (memory 5, ridge 1e-4, relative residual
   compiled train step, `jax.jit(step).lower(...).compile().memory_analysis()` — a
   property of the compiled program, deterministic on CPU, unlike RSS.
 
-    python benchmarks/bench_gradients.py [--w2-batch 4] [--reps 5]
+    python benchmarks/bench_gradients.py [--w2-batch 4] [--reps 5] [--w2-reps 2]
+
+On CPU, W2's implicit and unrolled backward passes run convolution VJPs inside
+loops, which XLA:CPU executes far slower than unrolled (BENCHMARKS.md), so W2
+dominates the runtime.
 
 Writes a markdown table to stdout and to `benchmarks/results/gradients.md`.
 """
@@ -253,14 +257,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--w1-batch", type=int, default=128)
     parser.add_argument("--w2-batch", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="timed W1 steps")
+    parser.add_argument(
+        "--w2-reps", type=int, default=2, help="timed W2 steps (seconds each on CPU)"
+    )
     parser.add_argument("--workloads", default="w1,w2")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = []
     batches = {"w1": args.w1_batch, "w2": args.w2_batch}
+    reps = {"w1": args.reps, "w2": args.w2_reps}
     for name in args.workloads.split(","):
-        rows += bench_workload(name, batches[name], args.reps)
+        rows += bench_workload(name, batches[name], reps[name])
     argv = sys.argv[1:] if argv is None else argv
     command = "python benchmarks/bench_gradients.py " + " ".join(argv)
     table = render(rows, command.strip(), time.perf_counter() - start)
