@@ -52,6 +52,7 @@ def _fake_record(run_all, lib: str, train_step_s: float) -> dict:
     )
 
 
+@pytest.mark.slow  # the harness test below runs the same script on every workload
 def test_bare_jax_script_prints_one_record_per_workload(run_all):
     # w3 (the pytree state) and w2 share the conv code path; w1 runs in the next test
     completed = subprocess.run(

@@ -53,7 +53,9 @@ def _train_step(model, optimizer):
     return step
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)]
+)
 def test_round_trip_is_exact_and_training_continues_identically(tmp_path, dtype):
     model = _model()
     x = jax.random.normal(jax.random.key(0), (4, WIDTH), dtype)

@@ -152,11 +152,21 @@ _CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "n,layout,variant",
-    _CASES,
-    ids=[f"{n}d-{'_'.join(lay)}-{var}" for n, lay, var in _CASES],
-)
+def _case_params():
+    """Every case; the default run keeps the 2D ones and one plain case per other
+    rank, the rest run under `make test-slow` (each is a separate XLA compile)."""
+    for n, lay, var in _CASES:
+        fast = n == 2 or var == "plain"
+        yield pytest.param(
+            n,
+            lay,
+            var,
+            id=f"{n}d-{'_'.join(lay)}-{var}",
+            marks=() if fast else (pytest.mark.slow,),
+        )
+
+
+@pytest.mark.parametrize("n,layout,variant", list(_case_params()))
 def test_lax_conv_vjps(n, layout, variant, getkey):
     cell, z, w = _make_conv_case(n, layout, variant, jnp.float32, getkey())
     y, vjp = jax.vjp(cell, z, w)
@@ -172,6 +182,7 @@ def _canonical_layout(layout):
     return lhs[0] == "N" and lhs[-1] == "C" and rhs[-2:] == "IO" and out == lhs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [_LAYOUTS[2][0], _LAYOUTS[2][1]])
 @pytest.mark.parametrize("variant", ["strided_dilated", "grouped"])
 def test_lax_conv_vjps_float64(layout, variant, getkey):
@@ -280,7 +291,10 @@ def _nested_cell(w1, w2, use_while=False):
     return cell
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, F32_DEEP), (jnp.float64, F64)])
+@pytest.mark.parametrize(
+    "dtype,tol",
+    [(jnp.float32, F32_DEEP), pytest.param(jnp.float64, F64, marks=pytest.mark.slow)],
+)
 def test_nested_jaxprs(dtype, tol, getkey):
     w1 = jax.random.normal(getkey(), (4, 4, 3, 3), dtype) * 0.3
     w2 = jax.random.normal(getkey(), (4, 4, 3, 3), dtype) * 0.3
