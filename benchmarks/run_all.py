@@ -409,8 +409,11 @@ def ratio_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def render_results(records: list[dict], command: str, plots: list[str]) -> str:
-    """The text of RESULTS.md."""
+def render_results(
+    records: list[dict], command: str, plots: list[str], extra: list[Path] = ()
+) -> str:
+    """The text of RESULTS.md; `extra` are the other benchmarks' markdown reports in
+    results/ (solver nfe, gradient modes, sharding, conv rewrite), appended whole."""
     reference = reference_lib(records)
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -496,6 +499,13 @@ def render_results(records: list[dict], command: str, plots: list[str]) -> str:
         lines += ["## Plots", ""]
         lines += [f"![{Path(p).stem}](results/{Path(p).name})" for p in plots]
         lines.append("")
+    for path in extra:
+        text = path.read_text().strip()
+        # demote the report's headings below this page's sections
+        text = "\n".join(
+            "#" + line if line.startswith("#") else line for line in text.splitlines()
+        )
+        lines += [f"<!-- from results/{path.name} -->", text, ""]
     return "\n".join(lines)
 
 
@@ -642,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         with commands_path.open("a") as commands:
             commands.write(command + "\n")
         command = " && ".join(commands_path.read_text().splitlines())
-    (args.out / "RESULTS.md").write_text(render_results(records, command, plots))
+    extra = sorted((args.out / "results").glob("*.md"))
+    (args.out / "RESULTS.md").write_text(render_results(records, command, plots, extra))
     print(f"[run_all] wrote {args.out / 'RESULTS.md'} ({len(records)} records)")
     return 0
 
