@@ -184,6 +184,29 @@ class OptimistixBackend(eqx.Module):
         return Forward(z, nfe, code, residual_trace, original, sampled)
 
 
+def _diffrax_outcome(sol: diffrax.Solution, z0: PyTree[Array], reached) -> Forward:
+    """The state at the last saved time and its outcome code; a non-finite state is
+    replaced by `z0` (reported as `nonfinite`), never returned."""
+    # (diffrax promotes the state to its time dtype, float64 under x64)
+    z = jtu.tree_map(lambda leaf, ref: leaf[0].astype(ref.dtype), sol.ys, z0)
+    finite = tree_all_finite(z)
+    code = jnp.where(
+        ~finite,
+        RESULTS.nonfinite,
+        jnp.where(
+            reached,
+            RESULTS.successful,
+            jnp.where(
+                sol.result == diffrax.RESULTS.max_steps_reached,
+                RESULTS.max_steps_reached,
+                RESULTS.diverged,
+            ),
+        ),
+    ).astype(jnp.int32)
+    z = tree_where(finite, z, z0)
+    return Forward(z, sol.stats["num_steps"].astype(jnp.int32), code, None, sol)
+
+
 class DiffraxBackend(eqx.Module):
     """Integrates `dz/dt = f(z, x) - z` with a diffrax solver until a steady state
     (`diffrax.steady_state_event`), or over `[0, 1]` for a neural ODE."""
@@ -248,24 +271,7 @@ class DiffraxBackend(eqx.Module):
             max_steps=max_steps,
             throw=False,
         )
-        # (diffrax promotes the state to its time dtype, float64 under x64)
-        z = jtu.tree_map(lambda leaf, ref: leaf[0].astype(ref.dtype), sol.ys, z0)
-        finite = tree_all_finite(z)
-        code = jnp.where(
-            ~finite,
-            RESULTS.nonfinite,
-            jnp.where(
-                diffrax.is_event(sol.result),
-                RESULTS.successful,
-                jnp.where(
-                    sol.result == diffrax.RESULTS.max_steps_reached,
-                    RESULTS.max_steps_reached,
-                    RESULTS.diverged,
-                ),
-            ),
-        ).astype(jnp.int32)
-        z = tree_where(finite, z, z0)
-        return Forward(z, sol.stats["num_steps"].astype(jnp.int32), code, None, sol)
+        return _diffrax_outcome(sol, z0, diffrax.is_event(sol.result))
 
     def integrate(self, f: Cell, z0: PyTree[Array], args: PyTree, *, max_steps: int):
         """The neural ODE: `z(1)` of `dz/dt = f(z, x) - z`, `z(0) = z0`,
@@ -284,23 +290,8 @@ class DiffraxBackend(eqx.Module):
             max_steps=max_steps,
             throw=False,
         )
-        # (diffrax promotes the state to its time dtype, float64 under x64)
-        z = jtu.tree_map(lambda leaf, ref: leaf[0].astype(ref.dtype), sol.ys, z0)
-        finite = tree_all_finite(z)
-        code = jnp.where(
-            ~finite,
-            RESULTS.nonfinite,
-            jnp.where(
-                diffrax.is_successful(sol.result),
-                RESULTS.successful,
-                jnp.where(
-                    sol.result == diffrax.RESULTS.max_steps_reached,
-                    RESULTS.max_steps_reached,
-                    RESULTS.diverged,
-                ),
-            ),
-        ).astype(jnp.int32)
-        return z, Forward(z, sol.stats["num_steps"].astype(jnp.int32), code, None, sol)
+        out = _diffrax_outcome(sol, z0, diffrax.is_successful(sol.result))
+        return out.z, out
 
 
 _DIFFRAX_OPTIONS = ("rtol", "atol", "dt0", "stepsize_controller")
