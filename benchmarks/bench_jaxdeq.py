@@ -47,11 +47,9 @@ class WorkloadCell(nn.AbstractLayer):
 
 
 def make_model(cell, cell_params, z0) -> jaxdeq.DeepEquilibriumNetwork:
-    shapes = jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), z0)
+    structs = jax.eval_shape(lambda: z0)
     zeros = nn.WrappedFunction(
-        lambda _: jax.tree.map(
-            lambda s: jnp.zeros(*s), shapes, is_leaf=lambda s: isinstance(s, tuple)
-        )
+        lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs)
     )
     return jaxdeq.DeepEquilibriumNetwork(
         WorkloadCell(cell, jax.eval_shape(lambda: cell_params)),
