@@ -14,7 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
-    python3 -m pip download --no-deps -d benchmarks/wheels torchdeq==0.1.0 banax==0.1.5
+    # the GPU machine runs Python 3.12 (banax needs >= 3.12)
+    python3 -m pip download --no-deps --python-version 3.12 --only-binary=:all: \
+        -d benchmarks/wheels torchdeq==0.1.0 banax==0.1.5
     exit 0
 fi
 PY=$(command -v python3 || command -v python)
