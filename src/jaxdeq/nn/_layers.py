@@ -96,6 +96,19 @@ def _activate(activation: Callable | None, y: Array) -> Array:
     return y if activation is None else activation(y)
 
 
+def _check_flax_fields(layer: Any) -> None:
+    """The arguments Dense and Conv share with their flax.linen counterparts."""
+    _check_positive_int("in_features", layer.in_features)
+    _check_positive_int("out_features", layer.out_features)
+    _check_callable_or_none("activation", layer.activation)
+    if not isinstance(layer.use_bias, bool):
+        raise TypeError(f"`use_bias` must be a bool, got {layer.use_bias!r}.")
+    _check_callable_or_none("kernel_init", layer.kernel_init)
+    _check_callable_or_none("bias_init", layer.bias_init)
+    _check_dtype_or_none("dtype", layer.dtype)
+    _check_dtype_or_none("param_dtype", layer.param_dtype)
+
+
 class Dense(AbstractLayer):
     """A fully connected layer, `y = activation(x @ kernel + bias)`, delegating its
     initialisation and its math to `flax.linen.Dense`.
@@ -177,15 +190,7 @@ class Dense(AbstractLayer):
         self.param_dtype = param_dtype
 
     def __check_init__(self):
-        _check_positive_int("in_features", self.in_features)
-        _check_positive_int("out_features", self.out_features)
-        _check_callable_or_none("activation", self.activation)
-        if not isinstance(self.use_bias, bool):
-            raise TypeError(f"`use_bias` must be a bool, got {self.use_bias!r}.")
-        _check_callable_or_none("kernel_init", self.kernel_init)
-        _check_callable_or_none("bias_init", self.bias_init)
-        _check_dtype_or_none("dtype", self.dtype)
-        _check_dtype_or_none("param_dtype", self.param_dtype)
+        _check_flax_fields(self)
 
     def _linen(self, x: Array) -> linen.Dense:
         _check_features(x, self.in_features, "(..., in_features)")
@@ -297,15 +302,7 @@ class Conv(AbstractLayer):
         self.param_dtype = param_dtype
 
     def __check_init__(self):
-        _check_positive_int("in_features", self.in_features)
-        _check_positive_int("out_features", self.out_features)
-        _check_callable_or_none("activation", self.activation)
-        if not isinstance(self.use_bias, bool):
-            raise TypeError(f"`use_bias` must be a bool, got {self.use_bias!r}.")
-        _check_callable_or_none("kernel_init", self.kernel_init)
-        _check_callable_or_none("bias_init", self.bias_init)
-        _check_dtype_or_none("dtype", self.dtype)
-        _check_dtype_or_none("param_dtype", self.param_dtype)
+        _check_flax_fields(self)
         if isinstance(self.kernel_size, tuple):
             _check_rank("stride", self.stride, len(self.kernel_size))
             _check_rank("padding", self.padding, len(self.kernel_size))
