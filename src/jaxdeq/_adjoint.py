@@ -25,6 +25,8 @@ from jaxtyping import Array, PyTree
 
 from ._conv_canon import canonicalize_convolutions
 from ._misc import sample_sq_norm, tree_add, tree_sub, zero_cotangent
+from ._solve import OptimistixBackend
+from ._solver import Anderson
 
 Cell = Callable[[PyTree[Array], PyTree], PyTree[Array]]
 ForwardFn = Callable[..., Any]  # (z0, args, budget, differentiable) -> Forward
@@ -121,9 +123,6 @@ class ImplicitAdjoint(AbstractAdjoint):
             )
             return lx.linear_solve(operator, g, self.linear_solver, throw=False).value
         if self.linear_solver == "anderson":
-            from ._solve import OptimistixBackend
-            from ._solver import Anderson
-
             backend = OptimistixBackend(
                 Anderson(rtol=self.rtol, atol=self.atol, memory=5)
             )
@@ -157,9 +156,7 @@ class ImplicitAdjoint(AbstractAdjoint):
             _, vjp_z = jax.vjp(lambda z: f(z, args), z)
             # Re-emit the VJP's convolutions in XLA:CPU's fast layout: the backward
             # iteration calls it in a loop, where non-canonical convs are 10-80x slower.
-            u = self.solve_adjoint(
-                canonicalize_convolutions(lambda u: vjp_z(u)[0]), g
-            )
+            u = self.solve_adjoint(canonicalize_convolutions(lambda u: vjp_z(u)[0]), g)
             _, vjp_args = jax.vjp(lambda a: f(z, a), args)
             (args_cotangent,) = vjp_args(u)
             return zero_cotangent(z0), args_cotangent, zero_cotangent(budget)
