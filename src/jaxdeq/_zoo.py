@@ -183,7 +183,7 @@ def mdeq_image_classifier(
 
     - stem: 3x3 conv to `channels[0]`, GroupNorm, ReLU;
     - deq: a [`jaxdeq.MultiScaleDeepEquilibriumNetwork`][] with one scale per entry of
-        `channels`, scale `i` at resolution `image_size / 2**i`: an [`MDEQBlock`][]
+        `channels`, scale `i` at resolution `image_size / 2**i`: an `MDEQBlock`
         per scale (the stem's features injected at scale 0), strided 3x3 convs
         (+ GroupNorm) to go down, 1x1 conv + GroupNorm + nearest upsampling to go up,
         and ReLU, 1x1 conv, GroupNorm after fusing;

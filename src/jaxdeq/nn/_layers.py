@@ -227,7 +227,7 @@ class Conv(AbstractLayer):
       an int (the same padding on both sides of every spatial axis), or a sequence of
       ints or `(low, high)` pairs, one per spatial axis.
     - `use_bias`: whether to add a bias.
-    - `kernel_init`, `bias_init`, `dtype`, `param_dtype`: as in [`Dense`][].
+    - `kernel_init`, `bias_init`, `dtype`, `param_dtype`: as in [`jaxdeq.nn.Dense`][].
 
     **Inputs:**
 
