@@ -1,0 +1,117 @@
+"""Griffe extension: `__init__` signatures of Equinox modules, found statically.
+
+An `eqx.Module` (like an optimistix solver or a `flax.linen.Module`) is a dataclass
+without the `@dataclass` decorator, so griffe's own dataclass support does not see
+the `__init__` that Equinox (or linen) generates from the annotated fields. This
+extension builds it (fields of the class and of its jaxdeq parents, in order;
+`eqx.field(default=...)` defaults), so that the API pages show e.g.
+`Anderson(rtol, atol, norm=optx.max_norm, memory=5, ...)`.
+"""
+
+from typing import Any
+
+import griffe
+
+_MODULE_BASES = ("equinox.Module", "optimistix.", "flax.linen.Module")
+_FIELD_CALLS = ("equinox.field", "dataclasses.field")
+
+
+def _is_equinox_module(cls: griffe.Class, seen: set[str]) -> bool:
+    if cls.path in seen:
+        return False
+    seen.add(cls.path)
+    for base in cls.bases:
+        path = base.canonical_path if isinstance(base, griffe.Expr) else str(base)
+        if path.startswith(_MODULE_BASES):
+            return True
+        try:
+            parent = cls.modules_collection[path]
+        except (KeyError, griffe.AliasResolutionError):
+            continue
+        if isinstance(parent, griffe.Alias):
+            parent = parent.final_target
+        if isinstance(parent, griffe.Class) and _is_equinox_module(parent, seen):
+            return True
+    return False
+
+
+def _field_parameters(cls: griffe.Class) -> list[griffe.Parameter]:
+    parameters = []
+    for member in cls.members.values():
+        if member.is_alias or not member.is_attribute or member.annotation is None:
+            continue
+        if "instance-attribute" not in member.labels:
+            continue  # griffe's label for `ClassVar[...]` attributes
+        annotation = member.annotation
+        if isinstance(annotation, griffe.Expr) and "AbstractVar" in str(annotation):
+            continue
+        default: Any = member.value
+        value = member.value
+        if isinstance(value, griffe.ExprCall) and value.canonical_path in _FIELD_CALLS:
+            arguments = {
+                a.name: a.value
+                for a in value.arguments
+                if isinstance(a, griffe.ExprKeyword)
+            }
+            if str(arguments.get("init")) == "False":
+                continue
+            default = arguments.get("default")
+        parameters.append(
+            griffe.Parameter(
+                member.name,
+                annotation=annotation,
+                kind=griffe.ParameterKind.positional_or_keyword,
+                default=default,
+                docstring=member.docstring,
+            )
+        )
+    return parameters
+
+
+def _written_init(cls: griffe.Class) -> bool:
+    init = cls.members.get("__init__")
+    return init is not None and not init.extra["equinox_fields"].get("generated")
+
+
+def _set_init(cls: griffe.Class) -> None:
+    try:
+        mro = cls.mro()
+    except ValueError:
+        mro = []
+    if any(_written_init(c) for c in [cls, *mro]):
+        return
+    if not _is_equinox_module(cls, set()):
+        return
+    fields: dict[str, griffe.Parameter] = {}
+    for klass in [*reversed(mro), cls]:
+        for parameter in _field_parameters(klass):
+            fields[parameter.name] = parameter
+    init = griffe.Function(
+        "__init__",
+        lineno=0,
+        endlineno=0,
+        parent=cls,
+        parameters=griffe.Parameters(
+            griffe.Parameter("self", kind=griffe.ParameterKind.positional_or_keyword),
+            *fields.values(),
+        ),
+        returns="None",
+    )
+    init.extra["equinox_fields"]["generated"] = True
+    cls.set_member("__init__", init)
+
+
+def _visit(obj: griffe.Object, seen: set[str]) -> None:
+    if obj.path in seen:
+        return
+    seen.add(obj.path)
+    if isinstance(obj, griffe.Class):
+        _set_init(obj)
+    for member in obj.members.values():
+        if not member.is_alias and (member.is_module or member.is_class):
+            _visit(member, seen)
+
+
+class EquinoxFields(griffe.Extension):
+    def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
+        _visit(pkg, set())
