@@ -248,8 +248,8 @@ Anderson.__init__.__doc__ = """**Arguments:**
 - `rtol`: Relative tolerance for terminating the solve (see "Termination" above).
 - `atol`: Absolute tolerance for terminating the solve.
 - `norm`: The norm used in the termination criterion, any function
-    `PyTree -> Scalar`, e.g. [`optimistix.max_norm`][] (the default),
-    [`optimistix.rms_norm`][] or [`optimistix.two_norm`][].
+    `PyTree -> Scalar`, e.g. `optimistix.max_norm` (the default),
+    `optimistix.rms_norm` or `optimistix.two_norm`.
 - `memory`: How many past evaluations the extrapolation uses (`m`). The state holds
     two `memory x size(y)` buffers, whatever `max_steps` is.
 - `ridge`: Tikhonov regularisation of the least-squares problem for the mixing

@@ -300,8 +300,8 @@ Broyden.__init__.__doc__ = """**Arguments:**
 - `rtol`: Relative tolerance for terminating the solve (see "Termination" above).
 - `atol`: Absolute tolerance for terminating the solve.
 - `norm`: The norm used in the termination criterion, any function
-    `PyTree -> Scalar`, e.g. [`optimistix.max_norm`][] (the default),
-    [`optimistix.rms_norm`][] or [`optimistix.two_norm`][].
+    `PyTree -> Scalar`, e.g. `optimistix.max_norm` (the default),
+    `optimistix.rms_norm` or `optimistix.two_norm`.
 - `memory`: How many rank-one terms the inverse-Jacobian approximation keeps. The
     state holds two `memory x size(y)` buffers, whatever `max_steps` is.
 - `line_search`: Whether to backtrack along the Broyden direction until `||g||_2`
