@@ -5,9 +5,13 @@ without the `@dataclass` decorator, so griffe's own dataclass support does not s
 the `__init__` that Equinox (or linen) generates from the annotated fields. This
 extension builds it (fields of the class and of its jaxdeq parents, in order;
 `eqx.field(default=...)` defaults), so that the API pages show e.g.
-`Anderson(rtol, atol, norm=optx.max_norm, memory=5, ...)`.
+`Anderson(rtol, atol, norm=optx.max_norm, memory=5, ...)`. It also picks up the
+optimistix idiom `Class.__init__.__doc__ = "..."` (the arguments of jaxdeq's
+solvers), which static analysis does not see either.
 """
 
+import ast
+import pathlib
 from typing import Any
 
 import griffe
@@ -73,7 +77,36 @@ def _written_init(cls: griffe.Class) -> bool:
     return init is not None and not init.extra["equinox_fields"].get("generated")
 
 
-def _set_init(cls: griffe.Class) -> None:
+def _init_docstrings(module: griffe.Module) -> dict[str, str]:
+    """`{"Class": text}` for each `Class.__init__.__doc__ = "text"` in `module`."""
+    if not isinstance(module.filepath, pathlib.Path):  # a namespace package: a list
+        return {}
+    try:
+        tree = ast.parse(module.filepath.read_text())
+    except (OSError, SyntaxError):
+        return {}
+    found = {}
+    for node in tree.body:
+        if not (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            continue
+        target = node.targets[0]
+        if (
+            isinstance(target, ast.Attribute)
+            and target.attr == "__doc__"
+            and isinstance(target.value, ast.Attribute)
+            and target.value.attr == "__init__"
+            and isinstance(target.value.value, ast.Name)
+        ):
+            found[target.value.value.id] = node.value.value
+    return found
+
+
+def _set_init(cls: griffe.Class, docstring: str | None) -> None:
     try:
         mro = cls.mro()
     except ValueError:
@@ -96,22 +129,25 @@ def _set_init(cls: griffe.Class) -> None:
             *fields.values(),
         ),
         returns="None",
+        docstring=None if docstring is None else griffe.Docstring(docstring),
     )
     init.extra["equinox_fields"]["generated"] = True
     cls.set_member("__init__", init)
 
 
-def _visit(obj: griffe.Object, seen: set[str]) -> None:
+def _visit(obj: griffe.Object, seen: set[str], docstrings: dict[str, str]) -> None:
     if obj.path in seen:
         return
     seen.add(obj.path)
+    if isinstance(obj, griffe.Module):
+        docstrings = _init_docstrings(obj)
     if isinstance(obj, griffe.Class):
-        _set_init(obj)
+        _set_init(obj, docstrings.get(obj.name))
     for member in obj.members.values():
         if not member.is_alias and (member.is_module or member.is_class):
-            _visit(member, seen)
+            _visit(member, seen, docstrings)
 
 
 class EquinoxFields(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
-        _visit(pkg, set())
+        _visit(pkg, set(), {})
