@@ -2,6 +2,7 @@
 differences."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -92,3 +93,34 @@ def random_like(key, tree):
             for k, leaf in zip(keys, leaves, strict=True)
         ],
     )
+
+
+def dense_fixed_point(f, z_guess):
+    """A reference `z*(theta)` with `z* = f(z*, theta)`, by the implicit function
+    theorem with dense Jacobians: Newton iterations (dense LU) for the value, and the
+    tangent `dz = (I - J_z)^{-1} J_theta dtheta` by `jnp.linalg.solve`. Its JVP rule is
+    plain JAX, so every AD transformation (jacfwd, hessian, grad of grad) applies.
+    `f` maps a pytree state and a pytree `theta` to the state's structure."""
+    flat_guess, unravel = jax.flatten_util.ravel_pytree(z_guess)
+
+    def flat_f(z, theta):
+        return jax.flatten_util.ravel_pytree(f(unravel(z), theta))[0]
+
+    @jax.custom_jvp
+    def solve(theta):
+        def newton(_, z):
+            jac = jax.jacobian(flat_f)(z, theta)
+            eye = jnp.eye(z.size, dtype=z.dtype)
+            return z - jnp.linalg.solve(eye - jac, z - flat_f(z, theta))
+
+        return jax.lax.fori_loop(0, 50, newton, flat_guess)
+
+    @solve.defjvp
+    def solve_jvp(primals, tangents):
+        (theta,), (theta_dot,) = primals, tangents
+        z = solve(theta)
+        jac = jax.jacobian(flat_f)(z, theta)
+        rhs = jax.jvp(lambda t: flat_f(z, t), (theta,), (theta_dot,))[1]
+        return z, jnp.linalg.solve(jnp.eye(z.size, dtype=z.dtype) - jac, rhs)
+
+    return lambda theta: unravel(solve(theta))

@@ -16,6 +16,7 @@ from ._deq import (
     DeepEquilibriumNetwork as DeepEquilibriumNetwork,
     SkipDeepEquilibriumNetwork as SkipDeepEquilibriumNetwork,
 )
+from ._linear_solve import BackwardStatistics as BackwardStatistics
 from ._multiscale import (
     MultiScaleDeepEquilibriumNetwork as MultiScaleDeepEquilibriumNetwork,
     MultiScaleNeuralODE as MultiScaleNeuralODE,

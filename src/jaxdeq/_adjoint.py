@@ -1,188 +1,300 @@
 """Gradient modes: how a fixed-point solve is differentiated (the `adjoint=` argument).
 
 Every mode returns the same forward value, the state `z*` the solver found; they
-differ only in the gradient attached to it, and so in backward cost and memory:
+differ in the derivative attached to it, in cost and memory, and in the autodiff
+transformations they support:
 
-| mode | gradient | backward cost | memory in `max_steps` |
+| mode | derivative | backward cost | memory in `max_steps` |
 |---|---|---|---|
-| `ImplicitAdjoint` | exact at a fixed point | one linear solve (VJPs) | flat |
-| `PhantomGradient(k)` | tends to exact as `k` grows | `k` VJPs | flat |
-| `OneStepGradient` | `(I - J)^{-1}` replaced by `I` | 1 VJP | flat |
+| `ImplicitAdjoint` | exact at a fixed point | one linear solve (JVPs/VJPs) | flat |
+| `PhantomGradient(k)` | tends to exact as `k` grows | `k` cell VJPs | flat |
+| `OneStepGradient` | `(I - J)^{-1}` replaced by `I` | 1 cell VJP | flat |
 | `UnrolledAdjoint` | of the solver's iterates | one VJP per step | grows |
 
-`benchmarks/bench_gradients.py` measures all four on the benchmark workloads.
+Every mode supports every AD transformation: `jax.grad`, `jax.jvp`, `jax.jacfwd`,
+`jax.jacrev`, `jax.hessian`, gradients of gradients, and `vmap` of all of them.
+
+An adjoint also decides how the solver's loop is run (`loop`): a `lax.while_loop`
+that is never differentiated, or, for `UnrolledAdjoint`, a scan that is.
+`benchmarks/bench_gradients.py` measures every mode on the benchmark workloads.
 """
 
 import abc
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._conv_canon import canonicalize_convolutions
-from ._misc import sample_sq_norm, tree_add, tree_sub, zero_cotangent
-from ._solve import OptimistixBackend
-from ._solver import Anderson
+from ._linear_solve import BackwardStatistics, LinearSolveSettings, solve_linear
+from ._misc import tree_sub, tree_where
 
 Cell = Callable[[PyTree[Array], PyTree], PyTree[Array]]
-ForwardFn = Callable[..., Any]  # (z0, args, budget, differentiable) -> Forward
+# forward(f, z0, args, budget, loop) -> Forward (see _backend.py)
+Forward = Callable[..., Any]
+Loop = Callable[..., Any]
+
+
+def while_loop(cond_fun, body_fun, init_val, *, max_steps: int):
+    """A `lax.while_loop` (not reverse-differentiable; `max_steps` is the caller's
+    own cap, checked in `cond_fun`)."""
+    del max_steps
+    return jax.lax.while_loop(cond_fun, body_fun, init_val)
+
+
+def scan_while_loop(cond_fun, body_fun, init_val, *, max_steps: int):
+    """A reverse-differentiable while loop: `max_steps` scan steps whose state freezes
+    once `cond_fun` is false."""
+
+    def step(carry, _):
+        keep_going = cond_fun(carry)
+        return tree_where(keep_going, body_fun(carry), carry), None
+
+    return jax.lax.scan(step, init_val, length=max_steps)[0]
 
 
 class AbstractAdjoint(eqx.Module):
     """How the fixed point `z*` of `f(z, args)` is differentiated."""
 
     @abc.abstractmethod
+    def loop(self, cond_fun, body_fun, init_val, *, max_steps: int) -> Any:
+        """The loop the backend runs its solver in."""
+
+    @abc.abstractmethod
     def apply(
-        self, forward: ForwardFn, f: Cell, z0: PyTree, args: PyTree, budget: Any
+        self, forward: Forward, f: Cell, z0: PyTree, args: PyTree, budget: Any
     ) -> tuple[PyTree, Any]:
-        """Run `forward(z0, args, budget, differentiable)` and return `(z*, forward's
-        outcome)` with this mode's gradient attached to `z*`."""
+        """Run `forward(f, z0, args, budget, self.loop)` and return `(z*, its
+        outcome)` with this mode's derivative attached to `z*`."""
 
 
-def _no_grad_forward(forward, z0, args, budget):
+def _no_grad_forward(adjoint, forward, f, z0, args, budget):
     z0, args = jax.lax.stop_gradient((z0, args))
-    return forward(z0, args, budget, False)
+    return forward(f, z0, args, budget, adjoint.loop)
 
 
 def _value_preserving(z_star, z_graded):
-    """`z_star` in value, the gradient of `z_graded`."""
-    return jax.tree_util.tree_map(
+    """`z_star` in value, the derivative of `z_graded`."""
+    return jtu.tree_map(
         lambda a, b: a + (b - jax.lax.stop_gradient(b)), z_star, z_graded
     )
 
 
-class ImplicitAdjoint(AbstractAdjoint):
-    """The implicit-function-theorem gradient (the default).
+def _is_symbolic_zero(tangent) -> bool:
+    return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
-    The backward pass solves `u = g + J_f(z*)^T u` matrix-free, with vector-Jacobian
-    products of the cell only (never a dense Jacobian), then pulls `u` back through
-    `f` to its parameters and inputs.
+
+def _zero_tangent(x):
+    """A zero tangent for a primal output (`float0` for integer leaves)."""
+
+    def zero(leaf):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            return jnp.zeros_like(leaf)
+        return np.zeros(np.shape(leaf), dtype=jax.dtypes.float0)
+
+    return jtu.tree_map(zero, x)
+
+
+def _partial_jvp(fn: Callable, primals: PyTree, tangents: PyTree):
+    """`jax.jvp(fn, (primals,), (tangents,))[1]` over the leaves whose tangent is not a
+    symbolic zero (or `None` when all are): the others are held constant, so no work
+    is spent on derivatives that are zero."""
+    leaves, treedef = jtu.tree_flatten(primals)
+    tangent_leaves = jtu.tree_leaves(tangents, is_leaf=_is_symbolic_zero)
+    live = [
+        i
+        for i, t in enumerate(tangent_leaves)
+        if not _is_symbolic_zero(t) and jnp.result_type(t) != jax.dtypes.float0
+    ]
+    if not live:
+        return None
+
+    def restricted(*values):
+        full = list(leaves)
+        for i, value in zip(live, values, strict=True):
+            full[i] = value
+        return fn(jtu.tree_unflatten(treedef, full))
+
+    primal_live = [leaves[i] for i in live]
+    tangent_live = [tangent_leaves[i] for i in live]
+    return jax.jvp(restricted, primal_live, tangent_live)[1]
+
+
+class ImplicitAdjoint(AbstractAdjoint):
+    """The implicit-function-theorem derivative (the default), as a JVP rule.
+
+    At a fixed point `z* = f(z*, θ)`, the tangent of `z*` solves
+    `(I - J_z) dz = J_θ dθ`, with `J_z`, `J_θ` the Jacobians of the cell. jaxdeq
+    solves it matrix-free, with JVPs of the cell only, through
+    `jax.lax.custom_linear_solve`; JAX transposes it for reverse mode (the same solve
+    with `I - J_z^T`, by VJPs, never a dense Jacobian). So every transformation
+    works: `jax.grad`, `jax.jvp`, `jax.jacfwd`, `jax.jacrev`, `jax.hessian`, a
+    gradient of a gradient (gradient penalties, forces `-dE/dx`), and `vmap` of all
+    of them. Values the cell closes over are hoisted out (`jax.closure_convert`), so
+    they are differentiated too. The forward solve itself runs in a
+    `lax.while_loop` that is never differentiated: memory is flat in `max_steps`.
 
     **Arguments:**
 
-    - `linear_solver`: `"fixed_point"` (iterate the VJP, as torchdeq's default),
-        `"anderson"` (Anderson acceleration of that iteration), or any lineax solver
-        for non-symmetric operators, e.g. `lineax.GMRES(rtol=1e-6, atol=1e-6)` or
-        `lineax.BiCGStab(...)`, applied to `(I - J^T) u = g`.
-    - `rtol`, `atol`: stopping rule of the iterative backward solves, on the 2-norm of
-        the change of `u` (fixed point) or the residual (Anderson):
-        `||du|| <= atol + rtol * ||u||`. Ignored by lineax solvers (set theirs).
-    - `max_steps`: step cap of the backward solve.
+    - `linear_solver`: `"gmres"` (default: restarted GMRES, one JVP/VJP per step,
+        which converges wherever `I - J` is invertible), `"fixed_point"` (iterate
+        `u <- b + J u`, torchdeq's default: one product per step, converges only if
+        the spectral radius of `J` is below 1), or any lineax solver, e.g.
+        `lineax.BiCGStab(rtol=1e-8, atol=1e-8)` (which then uses its own
+        tolerances; its result is checked like the others').
+    - `rtol`, `atol`: each solve stops once `||b - (I - J) u||_2 <= max(atol,
+        rtol ||b||_2)`, relative to its own right-hand side `b` (so scaling the
+        loss does not change the accuracy). `rtol=None` (default) is
+        `eps ** (2/3)` of the state's dtype (3.7e-11 in float64, 2.4e-5 in
+        float32), or of the model's `compute_dtype` when it is set (0.039 in
+        bfloat16).
+    - `max_steps`: the most products with `J` per solve (default 100).
+    - `restart`: the Krylov dimension of `"gmres"` before it restarts (memory:
+        `restart + 1` vectors the size of one sample's state).
+    - `throw`: if `True` (default), a solve that fails (runs out of steps, reports a
+        failure, or produces NaN/infinity) raises at run time, under `jit` too, with
+        an error naming the backward solve (`jax.errors.JaxRuntimeError` under
+        `jit`): a wrong gradient is never returned silently. With `throw=False` the
+        gradient is returned as it is.
+    - `callback`: `None`, or a function called at run time with the
+        [`jaxdeq.BackwardStatistics`][] of every solve (products used, final residual
+        and its ratio to `||b||`, a [`jaxdeq.RESULTS`][] code), through
+        `jax.debug.callback`: torchdeq's backward hook. Per-sample solves (the
+        default) call it once per sample.
 
-    In per-sample mode (the default) the backward solve is per sample too.
+    The statistics of the *forward* solve are in the model's
+    [`jaxdeq.DeepEquilibriumSolution`][]. In per-sample mode (the default) each
+    sample's backward solve is its own problem, with its own tolerance.
 
     **Example:**
 
     ```python
-    >>> import jax, jax.numpy as jnp, lineax as lx, optimistix as optx, jaxdeq
+    >>> import jax, jax.numpy as jnp, optimistix as optx, jaxdeq
     >>> from jaxdeq import nn
     >>> cell = nn.Chain(nn.Parallel(jnp.add, nn.Dense(3, 3), nn.Dense(3, 3)),
     ...                 nn.WrappedFunction(jnp.tanh))
+    >>> steps = []
     >>> model = jaxdeq.DeepEquilibriumNetwork(
     ...     cell, optx.FixedPointIteration(rtol=1e-5, atol=1e-5),
-    ...     adjoint=jaxdeq.ImplicitAdjoint(lx.GMRES(rtol=1e-6, atol=1e-6)))
+    ...     adjoint=jaxdeq.ImplicitAdjoint(
+    ...         callback=lambda stats: steps.append(stats.steps)))
     >>> x = jnp.ones((2, 3))
     >>> ps, st = model.init(jax.random.key(0), x)
     >>> grads = jax.grad(lambda ps: jnp.sum(model.apply(ps, st, x)[0]))(ps)
+    >>> jvp = jax.jvp(lambda x: model.apply(ps, st, x)[0], (x,), (x,))[1]
+    >>> len(steps)  # one reverse-mode solve, one forward-mode solve
+    2
 
     ```
     """
 
-    linear_solver: Literal["fixed_point", "anderson"] | lx.AbstractLinearSolver = (
-        "fixed_point"
-    )
-    rtol: float = 0.0
-    atol: float = 1e-6
-    max_steps: int = 30
+    linear_solver: Literal["gmres", "fixed_point"] | lx.AbstractLinearSolver = "gmres"
+    rtol: float | None = None
+    atol: float = 0.0
+    max_steps: int = 100
+    restart: int = 20
+    throw: bool = True
+    callback: Callable[[BackwardStatistics], Any] | None = None
 
     def __check_init__(self):
+        expected = "'gmres', 'fixed_point' or a lineax solver"
         if isinstance(self.linear_solver, str):
-            if self.linear_solver not in ("fixed_point", "anderson"):
+            if self.linear_solver not in ("gmres", "fixed_point"):
                 raise ValueError(
-                    "linear_solver: expected 'fixed_point', 'anderson' or a lineax "
-                    f"solver, got {self.linear_solver!r}"
+                    f"linear_solver: expected {expected}, got {self.linear_solver!r}"
                 )
         elif not isinstance(self.linear_solver, lx.AbstractLinearSolver):
             raise TypeError(
-                "linear_solver: expected 'fixed_point', 'anderson' or a lineax solver, "
-                f"got {type(self.linear_solver).__name__}"
+                f"linear_solver: expected {expected}, got "
+                f"{type(self.linear_solver).__name__}"
             )
-        if not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"max_steps: expected an int >= 1, got {self.max_steps!r}")
+        for name in ("max_steps", "restart"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is None and name == "rtol":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name}: expected a float >= 0, got {value!r}")
+            if not value >= 0:
+                raise ValueError(f"{name}: expected a float >= 0, got {value!r}")
+        if not isinstance(self.throw, bool):
+            raise TypeError(f"throw: expected a bool, got {self.throw!r}")
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError(
+                f"callback: expected None or a function, got {self.callback!r}"
+            )
 
-    def solve_adjoint(self, vjp_z: Callable, g: PyTree) -> PyTree:
-        """Solve `u = g + vjp_z(u)` for `u`."""
-        if isinstance(self.linear_solver, lx.AbstractLinearSolver):
-            structure = jax.eval_shape(lambda: g)
-            operator = lx.FunctionLinearOperator(
-                lambda u: tree_sub(u, vjp_z(u)), structure
-            )
-            return lx.linear_solve(operator, g, self.linear_solver, throw=False).value
-        if self.linear_solver == "anderson":
-            backend = OptimistixBackend(
-                Anderson(rtol=self.rtol, atol=self.atol, memory=5)
-            )
-            out = backend.solve(
-                lambda u, _: tree_add(g, vjp_z(u)),
-                g,
-                None,
-                max_steps=self.max_steps,
-                budget=None,
-                batched=False,
-                trace=False,
-            )
-            return out.z
-        return _fixed_point_iteration(
-            lambda u: tree_add(g, vjp_z(u)), g, self.rtol, self.atol, self.max_steps
+    def loop(self, cond_fun, body_fun, init_val, *, max_steps):
+        return while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)
+
+    def _settings(self) -> LinearSolveSettings:
+        return LinearSolveSettings(
+            self.linear_solver,
+            self.rtol,
+            self.atol,
+            self.max_steps,
+            self.restart,
+            self.throw,
+            self.callback,
         )
 
     def apply(self, forward, f, z0, args, budget):
-        @jax.custom_vjp
-        def solve(z0, args, budget):
-            out = forward(z0, args, budget, False)
-            return out.z, out
+        # Values the cell closes over (e.g. a traced scalar inside a WrappedFunction)
+        # become explicit inputs, so that their tangents reach the JVP rule.
+        f_closed, consts = jax.closure_convert(lambda z, a: f(z, a), z0, args)
 
-        def solve_fwd(z0, args, budget):
-            z, out = solve(z0, args, budget)
-            return (z, out), (z, z0, args, budget)
+        def cell(z, params):
+            cell_args, cell_consts = params
+            return f_closed(z, cell_args, *cell_consts)
 
-        def solve_bwd(residuals, cotangents):
-            z, z0, args, budget = residuals
-            g, _ = cotangents  # the solve's statistics carry no gradient
-            _, vjp_z = jax.vjp(lambda z: f(z, args), z)
-            # Re-emit the VJP's convolutions in XLA:CPU's fast layout: the backward
-            # iteration calls it in a loop, where non-canonical convs are 10-80x slower.
-            u = self.solve_adjoint(canonicalize_convolutions(lambda u: vjp_z(u)[0]), g)
-            _, vjp_args = jax.vjp(lambda a: f(z, a), args)
-            (args_cotangent,) = vjp_args(u)
-            return zero_cotangent(z0), args_cotangent, zero_cotangent(budget)
+        settings = self._settings()
+        static_parts = []
 
-        solve.defvjp(solve_fwd, solve_bwd)
-        z, out = solve(z0, args, budget)
-        return z, jax.lax.stop_gradient(out)
+        @jax.custom_jvp
+        def fixed_point(z0, params, budget):
+            out = forward(cell, z0, params, budget, self.loop)
+            dynamic, static = eqx.partition(out, eqx.is_array)
+            static_parts.append(static)
+            return dynamic
 
+        def fixed_point_jvp(primals, tangents):
+            z0, params, budget = primals
+            _, params_dot, _ = tangents
+            out = fixed_point(z0, params, budget)
+            z = out.z
+            rhs = _partial_jvp(lambda p: cell(z, p), params, params_dot)
+            if rhs is None:
+                z_dot = jtu.tree_map(jnp.zeros_like, z)
+            else:
+                _, jvp_z = jax.linearize(lambda z: cell(z, params), z)
+                z_dot = jax.lax.custom_linear_solve(
+                    lambda v: tree_sub(v, jvp_z(v)),
+                    rhs,
+                    functools.partial(solve_linear, settings),
+                    # Reverse mode: XLA:CPU runs convolution VJPs inside loops far
+                    # faster in canonical layout (see _conv_canon.py).
+                    lambda vecmat, b: solve_linear(
+                        settings, canonicalize_convolutions(vecmat), b
+                    ),
+                )
+            out_dot = _zero_tangent(out)
+            return out, eqx.tree_at(lambda o: o.z, out_dot, z_dot)
 
-def _fixed_point_iteration(step, u0, rtol, atol, max_steps):
-    def cond(carry):
-        k, _, change_sq, u_sq = carry
-        scale = atol + rtol * jnp.sqrt(u_sq)
-        return (k < max_steps) & (jnp.sqrt(change_sq) > scale)
+        fixed_point.defjvp(fixed_point_jvp, symbolic_zeros=True)
 
-    def body(carry):
-        k, u, _, _ = carry
-        u_next = step(u)
-        change_sq = sample_sq_norm(tree_sub(u_next, u), batched=False)
-        return k + 1, u_next, change_sq, sample_sq_norm(u_next, batched=False)
-
-    sq_struct = jax.eval_shape(lambda: sample_sq_norm(u0, batched=False))
-    inf = jnp.full(sq_struct.shape, jnp.inf, sq_struct.dtype)
-    zero = jnp.zeros(sq_struct.shape, sq_struct.dtype)
-    _, u, _, _ = jax.lax.while_loop(cond, body, (0, u0, inf, zero))
-    return u
+        dynamic = fixed_point(z0, (args, consts), budget)
+        out = eqx.combine(jax.lax.stop_gradient(dynamic), static_parts[0])
+        return dynamic.z, eqx.tree_at(lambda o: o.z, out, jax.lax.stop_gradient(out.z))
 
 
 class UnrolledAdjoint(AbstractAdjoint):
@@ -190,22 +302,26 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     The loop runs as a `lax.scan` of `max_steps` steps that freezes once the solver
     stops, so memory and backward cost grow with `max_steps` (every step's VJP runs,
-    also after the solve stopped). Gradients also flow into `z0`. At a converged
+    also after the solve stopped). Derivatives also flow into `z0`. At a converged
     solve it agrees with `ImplicitAdjoint`; use it to check that, or for small
     problems and unconverged budgets where the solver's own trajectory matters.
+    Supports every AD transformation.
 
     **Example:** `adjoint=jaxdeq.UnrolledAdjoint()`.
     """
 
+    def loop(self, cond_fun, body_fun, init_val, *, max_steps):
+        return scan_while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)
+
     def apply(self, forward, f, z0, args, budget):
-        del f
-        out = forward(z0, args, budget, True)
+        out = forward(f, z0, args, budget, self.loop)
         return out.z, jax.lax.stop_gradient(out)
 
 
 class PhantomGradient(AbstractAdjoint):
-    """Phantom gradient (Geng et al., 2021): the gradient of `steps` damped iterations
-    `z <- (1 - damping) z + damping f(z)` started from the (constant) fixed point.
+    """Phantom gradient (Geng et al., 2021): the derivative of `steps` damped
+    iterations `z <- (1 - damping) z + damping f(z)` started from the (constant)
+    fixed point.
 
     **Arguments:**
 
@@ -213,9 +329,9 @@ class PhantomGradient(AbstractAdjoint):
         gradient on contractive cells.
     - `damping`: the step size `lambda` in `(0, 1]`.
 
-    The value stays the solver's `z*`; only the gradient comes from the unrolled
+    The value stays the solver's `z*`; only the derivative comes from the unrolled
     steps. Backward cost: `steps` VJPs of the cell; memory independent of the
-    forward budget.
+    forward budget. Supports every AD transformation.
 
     **Example:** `adjoint=jaxdeq.PhantomGradient(steps=5, damping=0.8)`.
     """
@@ -229,32 +345,39 @@ class PhantomGradient(AbstractAdjoint):
         if not 0 < self.damping <= 1:
             raise ValueError(f"damping: expected a value in (0, 1], got {self.damping}")
 
+    def loop(self, cond_fun, body_fun, init_val, *, max_steps):
+        return while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)
+
     def apply(self, forward, f, z0, args, budget):
-        out = _no_grad_forward(forward, z0, args, budget)
+        out = _no_grad_forward(self, forward, f, z0, args, budget)
         z = jax.lax.stop_gradient(out.z)
         # Unrolled in Python, not a loop: `steps` is small, and XLA:CPU runs
         # convolution VJPs inside loops far slower than unrolled (BENCHMARKS.md).
         for _ in range(self.steps):
             fz = f(z, args)
-            z = jax.tree_util.tree_map(
+            z = jtu.tree_map(
                 lambda a, b: (1 - self.damping) * a + self.damping * b, z, fz
             )
         return _value_preserving(out.z, z), jax.lax.stop_gradient(out)
 
 
 class OneStepGradient(AbstractAdjoint):
-    """Jacobian-free backpropagation (Fung et al., 2022): the gradient of one cell
-    application at the (constant) fixed point, i.e. the implicit gradient with
+    """Jacobian-free backpropagation (Fung et al., 2022): the derivative of one cell
+    application at the (constant) fixed point, i.e. the implicit derivative with
     `(I - J)^{-1}` replaced by the identity.
 
     One VJP of the cell per backward pass. On a contractive cell
     (`||J_f(z*)|| < 1`) it is a descent direction for the exact loss; it trains
-    well when the cell stays contractive (Jacobian regularization helps).
+    well when the cell stays contractive (Jacobian regularization helps). Supports
+    every AD transformation.
 
     **Example:** `adjoint=jaxdeq.OneStepGradient()`.
     """
 
+    def loop(self, cond_fun, body_fun, init_val, *, max_steps):
+        return while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)
+
     def apply(self, forward, f, z0, args, budget):
-        out = _no_grad_forward(forward, z0, args, budget)
+        out = _no_grad_forward(self, forward, f, z0, args, budget)
         fz = f(jax.lax.stop_gradient(out.z), args)
         return _value_preserving(out.z, fz), jax.lax.stop_gradient(out)

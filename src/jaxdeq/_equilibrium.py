@@ -1,11 +1,18 @@
 """The shared engine of every DEQ model: initial state -> solve -> solution.
 
 Models (single- and multiscale) describe their cell as a batched function
-`cell(ps, st, z, x) -> (f(z, x), st)`; this module runs it to equilibrium per sample
-(a `vmap` over the batch) or jointly, attaches the gradient mode, and assembles the
-`DeepEquilibriumSolution`.
+`cell(ps, st, z, x) -> (f(z, x), st)`. `solve_equilibrium` reads top to bottom:
+
+1. `_problem`: the cell as the solver sees it (one sample, or the joint batch);
+2. `_solve`: the backend runs it to equilibrium inside the loop the gradient mode
+   (adjoint) chooses, per sample (a `vmap` over the batch) or jointly; or the
+   neural ODE / fixed-depth unroll;
+3. `_solution`: the `DeepEquilibriumSolution` (residuals, Jacobian penalty, sampled
+   states) and the cell's new state.
 """
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +23,10 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
+from ._backend import Forward, make_backend
 from ._misc import sample_sq_norm, tree_sub
 from ._regularization import JACOBIAN_MODES, jacobian_frobenius_estimate
 from ._solution import RESULTS, DeepEquilibriumSolution
-from ._solve import DiffraxBackend, Forward, make_backend
 
 BatchedCell = Callable[[PyTree, PyTree, PyTree[Array], Any], tuple[PyTree, PyTree]]
 PROBLEM_TYPES = ("steady_state", "ode")
@@ -74,18 +81,27 @@ class EquilibriumConfig(eqx.Module):
             raise ValueError(
                 f"problem_type: expected one of {PROBLEM_TYPES}, got {problem_type!r}"
             )
-        is_diffrax = isinstance(self.backend, DiffraxBackend)
-        if problem_type == "ode" and not is_diffrax:
+        backend = self.backend
+        if problem_type == "ode" and not backend.neural_ode:
             raise ValueError(
                 "problem_type: 'ode' integrates dz/dt = f(z, x) - z and needs a "
                 f"diffrax solver, got {type(solver).__name__}"
             )
-        if trace and is_diffrax:
+        if trace and not backend.residual_trace:
             raise ValueError(
                 "trace: residual traces are recorded by optimistix-style solvers; "
                 f"the diffrax solver {type(solver).__name__} does not provide one"
             )
         adjoint = ImplicitAdjoint() if adjoint is None else adjoint
+        if (
+            compute_dtype is not None
+            and isinstance(adjoint, ImplicitAdjoint)
+            and adjoint.rtol is None
+        ):
+            # The cell's JVPs are only as accurate as its compute dtype: so is the
+            # backward solve's default tolerance.
+            rtol = float(jnp.finfo(compute_dtype).eps) ** (2 / 3)
+            adjoint = dataclasses.replace(adjoint, rtol=rtol)
         if not isinstance(adjoint, AbstractAdjoint):
             raise TypeError(
                 "adjoint: expected a gradient mode such as jaxdeq.ImplicitAdjoint(), "
@@ -105,7 +121,9 @@ class EquilibriumConfig(eqx.Module):
                 f"sample_states: expected 0 <= sample_states <= max_steps "
                 f"({max_steps}), got {sample_states}"
             )
-        if sample_states and (is_diffrax or fixed_depth or problem_type == "ode"):
+        if sample_states and (
+            not backend.sampled_iterates or fixed_depth or problem_type == "ode"
+        ):
             raise ValueError(
                 "sample_states: iterates are sampled from optimistix-style solves; "
                 "not available with a diffrax solver, fixed_depth > 0 or "
@@ -134,7 +152,7 @@ class EquilibriumConfig(eqx.Module):
                     f"max_steps: expected 1 <= max_steps <= {self.max_steps} (the "
                     f"model's max_steps), got {max_steps}"
                 )
-            if isinstance(self.backend, DiffraxBackend):
+            if not self.backend.traced_budget:
                 return max_steps
             return jnp.asarray(max_steps, jnp.int32)
         max_steps = jnp.asarray(max_steps)
@@ -214,111 +232,135 @@ def _mixed_precision(cell: BatchedCell, dtype) -> BatchedCell:
     return mixed
 
 
-def solve_equilibrium(
-    config: EquilibriumConfig,
-    cell: BatchedCell,
-    ps: PyTree,
-    st: PyTree,
-    x: Any,
-    u0: PyTree[Array],
-    z0: PyTree[Array],
-    key: PRNGKeyArray,
-    max_steps=None,
-) -> tuple[PyTree[Array], PyTree, DeepEquilibriumSolution]:
-    """Run `cell` from `z0` to equilibrium; returns `(z*, new cell state, solution)`."""
-    budget = config.budget(max_steps)
-    if config.compute_dtype is not None:
-        cell = _mixed_precision(cell, config.compute_dtype)
-    # A Python-int budget is static (diffrax's step cap must be); arrays stay traced.
-    static_budget = budget if isinstance(budget, int) else None
-    if static_budget is not None:
-        budget = None
-    batch = jtu.tree_leaves(x)[0].shape[0]
-    joint = config.joint_solve
+class _Problem(eqx.Module):
+    """The cell as the solver sees it: `f(z, args)` on one sample (per-sample
+    solves) or on the batch (joint solves), and the same on the batch for the
+    residual, Jacobian penalty and sampled states."""
 
-    def f_joint(z, args):
+    cell: BatchedCell
+    ps: PyTree
+    st: PyTree
+    x: Any
+    joint: bool
+    keyed: bool  # per-sample PRNG keys (random layers in a per-sample solve)
+
+    @property
+    def batch(self) -> int:
+        return jtu.tree_leaves(self.x)[0].shape[0]
+
+    def sample_st(self, index):
+        return _fold_in_sample(self.st, index) if self.keyed else self.st
+
+    def f_joint(self, z, args):
         ps, st, x = args
-        return cell(ps, st, z, x)[0]
+        return self.cell(ps, st, z, x)[0]
 
-    def f_one(z, args):
+    def f_one(self, z, args):
         ps, st, x = args
-        return _remove_batch(cell(ps, st, _add_batch(z), _add_batch(x))[0])
+        return _remove_batch(self.cell(ps, st, _add_batch(z), _add_batch(x))[0])
 
-    f = f_joint if joint else f_one
-    per_sample = not joint and config.fixed_depth == 0
-    keyed = per_sample and any(_is_key(leaf) for leaf in jtu.tree_leaves(st))
-    sample_index = jnp.arange(batch)
+    @property
+    def f(self):
+        return self.f_joint if self.joint else self.f_one
 
-    def sample_st(index):
-        return _fold_in_sample(st, index) if keyed else st
-
-    def forward(z0, args, budget, differentiable):
-        return config.backend.solve(
-            f,
-            z0,
-            args,
-            max_steps=config.max_steps,
-            budget=budget if static_budget is None else static_budget,
-            batched=joint,
-            trace=config.trace,
-            differentiable=differentiable,
-            samples=config.sample_states,
+    def f_batch(self, z):
+        """The cell on the batch, as the solve saw it (per-sample keys included)."""
+        if not self.keyed:
+            return self.cell(self.ps, self.st, z, self.x)[0]
+        return jax.vmap(lambda z, x, i: self.f_one(z, (self.ps, self.sample_st(i), x)))(
+            z, self.x, jnp.arange(self.batch)
         )
 
+
+def _problem(config: EquilibriumConfig, cell, ps, st, x) -> _Problem:
+    if config.compute_dtype is not None:
+        cell = _mixed_precision(cell, config.compute_dtype)
+    joint = config.joint_solve
+    per_sample = not joint and config.fixed_depth == 0
+    keyed = per_sample and any(_is_key(leaf) for leaf in jtu.tree_leaves(st))
+    return _Problem(cell, ps, st, x, joint, keyed)
+
+
+def _solve(
+    config: EquilibriumConfig, problem: _Problem, z0: PyTree[Array], budget
+) -> tuple[PyTree[Array], Forward]:
+    """Run the problem from `z0`: `(z*, the solve's outcome)`."""
+    ps, x, batch = problem.ps, problem.x, problem.batch
+    sample_index = jnp.arange(batch)
     if config.problem_type == "ode":
 
         def integrate(z0, x, index):
+            args = (ps, problem.sample_st(index), x)
             return config.backend.integrate(
-                f, z0, (ps, sample_st(index), x), max_steps=config.max_steps
+                problem.f, z0, args, max_steps=config.max_steps
             )
 
-        if joint:
-            z, out = integrate(z0, x, None)
-        else:
-            z, out = jax.vmap(integrate)(z0, x, sample_index)
-    elif config.fixed_depth > 0:
+        if problem.joint:
+            return integrate(z0, x, None)
+        return jax.vmap(integrate)(z0, x, sample_index)
+    if config.fixed_depth > 0:
+        args = (ps, problem.st, x)
         z = jax.lax.fori_loop(
-            0, config.fixed_depth, lambda _, z: f_joint(z, (ps, st, x)), z0
+            0, config.fixed_depth, lambda _, z: problem.f_joint(z, args), z0
         )
         nfe = jnp.full((batch,), config.fixed_depth, jnp.int32)
-        out = Forward(z, nfe, jnp.full((batch,), RESULTS.successful), None, None)
-    elif joint:
-        z, out = config.adjoint.apply(forward, f, z0, (ps, st, x), budget)
-    else:
+        return z, Forward(z, nfe, jnp.full((batch,), RESULTS.successful), None, None)
+    # A Python-int budget is static (diffrax's step cap must be): bound into the
+    # forward solve; array budgets stay traced inputs of the solve.
+    static_budget = budget if isinstance(budget, int) else None
+    if static_budget is not None:
+        budget = None
+    forward = functools.partial(
+        _forward,
+        config.backend,
+        static_budget=static_budget,
+        max_steps=config.max_steps,
+        batched=problem.joint,
+        trace=config.trace,
+        samples=config.sample_states,
+    )
+    if problem.joint:
+        args = (ps, problem.st, x)
+        return config.adjoint.apply(forward, problem.f, z0, args, budget)
 
-        def solve_one(z0, x, index):
-            args = (ps, sample_st(index), x)
-            return config.adjoint.apply(forward, f, z0, args, budget)
+    def solve_one(z0, x, index):
+        args = (ps, problem.sample_st(index), x)
+        return config.adjoint.apply(forward, problem.f, z0, args, budget)
 
-        z, out = jax.vmap(solve_one)(z0, x, sample_index)
+    return jax.vmap(solve_one)(z0, x, sample_index)
 
-    if keyed:
-        # The cell as the per-sample solve saw it (per-sample keys); the state to
-        # return comes from a batched call, whose output is unused (and removed by
-        # XLA under jit).
-        def f_batch(z):
-            return jax.vmap(lambda z, x, i: f_one(z, (ps, sample_st(i), x)))(
-                z, x, sample_index
-            )
 
-        fz, new_st = f_batch(z), cell(ps, st, z, x)[1]
-    else:
+def _forward(
+    backend, f, z0, args, budget, loop, *, static_budget, **settings
+) -> Forward:
+    budget = budget if static_budget is None else static_budget
+    return backend.solve(f, z0, args, budget, loop, **settings)
 
-        def f_batch(z):
-            return cell(ps, st, z, x)[0]
 
-        fz, new_st = cell(ps, st, z, x)
+def _solution(
+    config: EquilibriumConfig,
+    problem: _Problem,
+    z: PyTree[Array],
+    out: Forward,
+    u0: PyTree[Array],
+    key: PRNGKeyArray,
+) -> tuple[PyTree, DeepEquilibriumSolution]:
+    """The cell's new state and the solution at `z`."""
+    # The returned cell state comes from a batched call; with per-sample keys its
+    # output is unused (and removed by XLA under jit).
+    fz_plain, new_st = problem.cell(problem.ps, problem.st, z, problem.x)
+    fz = problem.f_batch(z) if problem.keyed else fz_plain
     residual = tree_sub(fz, z)
     if config.jacobian_regularization is None:
         jacobian_loss = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(z)))
     else:
         jacobian_loss = jacobian_frobenius_estimate(
-            f_batch, z, key, config.jacobian_regularization
+            problem.f_batch, z, key, config.jacobian_regularization
         )
     states = None
     if out.samples is not None:
         states = out.samples
-        if not joint:  # (batch, k, ...) -> (k, batch, ...)
+        if not problem.joint:  # (batch, k, ...) -> (k, batch, ...)
             states = jtu.tree_map(lambda leaf: jnp.moveaxis(leaf, 1, 0), states)
         states = jax.lax.stop_gradient(states)
         # Each sampled state gets a one-step (Jacobian-free) gradient, as in
@@ -326,8 +368,9 @@ def solve_equilibrium(
         states = jtu.tree_map(
             lambda s, g: s + (g - jax.lax.stop_gradient(g)),
             states,
-            jax.vmap(f_batch)(states),
+            jax.vmap(problem.f_batch)(states),
         )
+    batch = problem.batch
     residual_norm = jnp.sqrt(sample_sq_norm(residual, batched=True))
     fz_norm = jnp.sqrt(sample_sq_norm(fz, batched=True))
     tiny = jnp.finfo(residual_norm.dtype).tiny
@@ -346,4 +389,23 @@ def solve_equilibrium(
         original=out.original,
         states=states,
     )
+    return new_st, solution
+
+
+def solve_equilibrium(
+    config: EquilibriumConfig,
+    cell: BatchedCell,
+    ps: PyTree,
+    st: PyTree,
+    x: Any,
+    u0: PyTree[Array],
+    z0: PyTree[Array],
+    key: PRNGKeyArray,
+    max_steps=None,
+) -> tuple[PyTree[Array], PyTree, DeepEquilibriumSolution]:
+    """Run `cell` from `z0` to equilibrium; returns `(z*, new cell state, solution)`."""
+    budget = config.budget(max_steps)
+    problem = _problem(config, cell, ps, st, x)
+    z, out = _solve(config, problem, z0, budget)
+    new_st, solution = _solution(config, problem, z, out, u0, key)
     return z, new_st, solution

@@ -28,12 +28,19 @@ def tree_where(pred: Array, a: PyTree, b: PyTree, *, batched: bool = False) -> P
     return jtu.tree_map(select, a, b)
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """`dtype`, or float32 for half precision: the dtype norms and small solves run
+    in (written out, since strict dtype promotion has no float64/float32 rule)."""
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def sample_sq_norm(tree: PyTree[Array], *, batched: bool) -> Array:
     """Squared 2-norm of a state, per sample: a scalar, or `(batch,)` when `batched`
     (the leading axis of every leaf is the batch). Accumulates in at least float32."""
     total = None
     for leaf in jtu.tree_leaves(tree):
-        leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+        leaf = leaf.astype(accumulation_dtype(leaf.dtype))
         if batched:
             sq = jnp.sum(jnp.square(leaf).reshape(leaf.shape[0], -1), axis=1)
         else:

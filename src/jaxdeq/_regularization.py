@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ._misc import sample_sq_norm
+from ._misc import accumulation_dtype, sample_sq_norm
 
 if TYPE_CHECKING:
     from ._solution import DeepEquilibriumSolution
@@ -33,7 +33,7 @@ def _gaussian_like(key: PRNGKeyArray, tree: PyTree[Array]) -> PyTree[Array]:
 
 def _sum_sq(tree: PyTree[Array]) -> Float[Array, ""]:
     return sum(
-        jnp.sum(jnp.square(leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))))
+        jnp.sum(jnp.square(leaf.astype(accumulation_dtype(leaf.dtype))))
         for leaf in jtu.tree_leaves(tree)
     )
 

@@ -1,30 +1,42 @@
-"""Backend dispatch: one forward solve for optimistix solvers and diffrax ODE solvers.
+"""Backends: one forward solve for optimistix solvers and for diffrax ODE solvers.
 
-A backend takes the cell `f(z, args)` and returns a `Forward`: the state it reached
-and its per-sample outcome. It knows nothing of models or layers, and nothing of
-gradients: the adjoints in `_adjoint.py` decide how the solve is differentiated.
+A backend takes the cell `f(z, args)` and the loop to run in (chosen by the gradient
+mode, see `_adjoint.py`) and returns a `Forward`: the state it reached and its
+per-sample outcome. It knows nothing of models or layers, and nothing of gradients.
+What a backend can do beyond a plain solve is declared on its class
+(`AbstractBackend`'s class variables), not discovered by the engine.
 
-The optimistix backend runs its own lean `lax.while_loop` around the solver's
+The optimistix backend runs its own lean loop around the solver's
 `init`/`step`/`terminate`/`postprocess` (the interface of `optx.fixed_point`), which
 lets it keep the lowest-residual iterate, count steps against a traced budget and
 record a residual trace, for any optimistix root-finder or fixed-point solver.
 """
 
+import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 import optimistix as optx
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._misc import sample_sq_norm, tree_all_finite, tree_sub, tree_where
+from ._misc import (
+    accumulation_dtype,
+    sample_sq_norm,
+    tree_all_finite,
+    tree_sub,
+    tree_where,
+)
 from ._solution import RESULTS
 
 Cell = Callable[[PyTree[Array], PyTree], PyTree[Array]]
+# loop(cond_fun, body_fun, init_val, *, max_steps): given by the gradient mode.
+Loop = Callable[..., Any]
 OPTIMISTIX_SOLVERS = (optx.AbstractRootFinder, optx.AbstractFixedPointSolver)
 
 
@@ -40,43 +52,71 @@ class Forward(eqx.Module):
     samples: PyTree[Array] | None = None
 
 
-def _scan_while_loop(cond_fun, body_fun, init_val, *, max_steps: int):
-    """A reverse-differentiable while loop: `max_steps` scan steps whose state freezes
-    once `cond_fun` is false. Used by `UnrolledAdjoint`."""
+class AbstractBackend(eqx.Module):
+    """Runs a cell to a fixed point from `z0`.
 
-    def step(carry, _):
-        keep_going = cond_fun(carry)
-        return tree_where(keep_going, body_fun(carry), carry), None
+    Class variables declare what a backend can do beyond the solve:
 
-    return jax.lax.scan(step, init_val, length=max_steps)[0]
+    - `traced_budget`: a per-call step budget may be a traced integer array (else a
+        Python int, which is static).
+    - `residual_trace`: records per-iteration residual norms (`trace=True`).
+    - `sampled_iterates`: returns iterates sampled along the solve (`samples=k`).
+    - `neural_ode`: can also integrate `dz/dt = f(z, x) - z` over `[0, 1]`
+        (`integrate`, for `problem_type="ode"`).
+    """
 
+    traced_budget: ClassVar[bool]
+    residual_trace: ClassVar[bool]
+    sampled_iterates: ClassVar[bool]
+    neural_ode: ClassVar[bool]
 
-def _while_loop(cond_fun, body_fun, init_val, *, max_steps: int):
-    del max_steps
-    return jax.lax.while_loop(cond_fun, body_fun, init_val)
-
-
-class OptimistixBackend(eqx.Module):
-    """Runs any optimistix root-finder or fixed-point solver to a fixed point."""
-
-    solver: optx.AbstractRootFinder | optx.AbstractFixedPointSolver
-    options: tuple[tuple[str, Any], ...] = ()
-
+    @abc.abstractmethod
     def solve(
         self,
         f: Cell,
         z0: PyTree[Array],
         args: PyTree,
+        budget: Any,
+        loop: Loop,
         *,
         max_steps: int,
-        budget: Int[Array, ""] | None,
         batched: bool,
         trace: bool,
-        differentiable: bool = False,
-        samples: int = 0,
+        samples: int,
     ) -> Forward:
-        """Solve for a fixed point of `f(., args)` from `z0`. With `samples=k > 0`,
-        also returns `k` iterates at the evenly spaced steps
+        """Solve for a fixed point of `f(., args)` from `z0`, at most
+        `min(budget, max_steps)` steps, inside `loop`."""
+
+
+class _LoopState(eqx.Module):
+    """The carry of the optimistix backend's loop."""
+
+    y: PyTree[Array]
+    step: Int[Array, ""]
+    solver_state: PyTree  # the dynamic (array) part of the solver's state
+    best_z: PyTree[Array]  # the evaluated iterate with the lowest residual so far
+    best_sq: Float[Array, "*batch"]  # its squared residual norm
+    done: Bool[Array, ""]
+    result: optx.RESULTS
+    residual_trace: Float[Array, "..."] | None
+    sampled: PyTree[Array]
+
+
+class OptimistixBackend(AbstractBackend):
+    """Runs any optimistix root-finder or fixed-point solver to a fixed point."""
+
+    solver: optx.AbstractRootFinder | optx.AbstractFixedPointSolver
+    options: tuple[tuple[str, Any], ...] = ()
+
+    traced_budget: ClassVar[bool] = True
+    residual_trace: ClassVar[bool] = True
+    sampled_iterates: ClassVar[bool] = True
+    neural_ode: ClassVar[bool] = False
+
+    def solve(
+        self, f, z0, args, budget, loop, *, max_steps, batched, trace, samples
+    ) -> Forward:
+        """With `samples=k > 0`, also returns `k` iterates at the evenly spaced steps
         `ceil(j * max_steps / k)`, `j = 1..k` (the last iterate where the solve
         stopped earlier), for fixed-point correction losses."""
         solver = self.solver
@@ -96,40 +136,46 @@ class OptimistixBackend(eqx.Module):
         done, result = solver.terminate(fn, z0, args, options, state, tags)
         best_sq = jnp.full(aux_struct[1].shape, jnp.inf, aux_struct[1].dtype)
         limit = max_steps if budget is None else jnp.minimum(budget, max_steps)
-        residual_trace = (
-            jnp.full((max_steps, *best_sq.shape), jnp.inf, best_sq.dtype)
-            if trace
-            else None
+        sample_steps = jnp.asarray(
+            np.ceil(np.arange(1, samples + 1) * (max_steps / max(samples, 1))),
+            jnp.int32,
         )
-        carry = (z0, jnp.array(0, jnp.int32), dynamic_state, z0, best_sq, done, result)
-        sample_steps = jnp.ceil(
-            jnp.arange(1, samples + 1) * (max_steps / max(samples, 1))
-        ).astype(jnp.int32)
-        sampled = jtu.tree_map(
-            lambda leaf: jnp.zeros((samples, *leaf.shape), leaf.dtype), z0
+        init = _LoopState(
+            y=z0,
+            step=jnp.array(0, jnp.int32),
+            solver_state=dynamic_state,
+            best_z=z0,
+            best_sq=best_sq,
+            done=done,
+            result=result,
+            residual_trace=(
+                jnp.full((max_steps, *best_sq.shape), jnp.inf, best_sq.dtype)
+                if trace
+                else None
+            ),
+            sampled=jtu.tree_map(
+                lambda leaf: jnp.zeros((samples, *leaf.shape), leaf.dtype), z0
+            ),
         )
-        carry = carry + (residual_trace, sampled)
 
-        def cond_fun(c):
-            _, step, _, _, _, done, result, _, _ = c
-            return ~done & (result == optx.RESULTS.successful) & (step < limit)
+        def cond_fun(c: _LoopState):
+            return ~c.done & (c.result == optx.RESULTS.successful) & (c.step < limit)
 
-        def body_fun(c):
-            y, step, dynamic_state, best_z, best_sq, _, _, residual_trace, sampled = c
-            state = eqx.combine(dynamic_state, static_state)
-            y, state, (y_eval, sq) = solver.step(fn, y, args, options, state, tags)
+        def body_fun(c: _LoopState) -> _LoopState:
+            state = eqx.combine(c.solver_state, static_state)
+            y, state, (y_eval, sq) = solver.step(fn, c.y, args, options, state, tags)
             done, result = solver.terminate(fn, y, args, options, state, tags)
             result = optx.RESULTS.where(
                 tree_all_finite(y), result, optx.RESULTS.nonfinite
             )
-            better = sq < best_sq  # False for NaN: a non-finite iterate is never best
-            best_z = tree_where(better, y_eval, best_z, batched=batched)
-            best_sq = jnp.where(better, sq, best_sq)
+            better = sq < c.best_sq  # False for NaN: a non-finite iterate is never best
+            residual_trace = c.residual_trace
             if residual_trace is not None:
-                residual_trace = residual_trace.at[step].set(jnp.sqrt(sq))
+                residual_trace = residual_trace.at[c.step].set(jnp.sqrt(sq))
+            sampled = c.sampled
             if samples:
                 # Slot j holds the iterate of step min(sample_steps[j], last step).
-                pending = sample_steps >= step + 1
+                pending = sample_steps >= c.step + 1
                 sampled = jtu.tree_map(
                     lambda buf, leaf: jnp.where(
                         pending.reshape((-1,) + (1,) * leaf.ndim), leaf[None], buf
@@ -137,23 +183,26 @@ class OptimistixBackend(eqx.Module):
                     sampled,
                     y,
                 )
-            dynamic_state, _ = eqx.partition(state, eqx.is_array)
-            return (y, step + 1, dynamic_state, best_z, best_sq, done, result) + (
-                residual_trace,
-                sampled,
+            return _LoopState(
+                y=y,
+                step=c.step + 1,
+                solver_state=eqx.partition(state, eqx.is_array)[0],
+                best_z=tree_where(better, y_eval, c.best_z, batched=batched),
+                best_sq=jnp.where(better, sq, c.best_sq),
+                done=done,
+                result=result,
+                residual_trace=residual_trace,
+                sampled=sampled,
             )
 
-        loop = _scan_while_loop if differentiable else _while_loop
-        carry = loop(cond_fun, body_fun, carry, max_steps=max_steps)
-        (y, steps, dynamic_state, best_z, best_sq, done, result) = carry[:7]
-        residual_trace, sampled = carry[7:]
-        state = eqx.combine(dynamic_state, static_state)
-        converged = done & (result == optx.RESULTS.successful)
-        ran_out = ~done & (result == optx.RESULTS.successful)
+        c = loop(cond_fun, body_fun, init, max_steps=max_steps)
+        state = eqx.combine(c.solver_state, static_state)
+        converged = c.done & (c.result == optx.RESULTS.successful)
+        ran_out = ~c.done & (c.result == optx.RESULTS.successful)
         y, _, _ = solver.postprocess(
-            fn, y, (best_z, best_sq), args, options, state, tags, result
+            fn, c.y, (c.best_z, c.best_sq), args, options, state, tags, c.result
         )
-        z = tree_where(converged, y, best_z)
+        z = tree_where(converged, y, c.best_z)
         code = jnp.where(
             converged,
             RESULTS.successful,
@@ -161,26 +210,27 @@ class OptimistixBackend(eqx.Module):
                 ran_out,
                 RESULTS.max_steps_reached,
                 jnp.where(
-                    result == optx.RESULTS.nonfinite,
+                    c.result == optx.RESULTS.nonfinite,
                     RESULTS.nonfinite,
                     RESULTS.diverged,
                 ),
             ),
         ).astype(jnp.int32)
         result = optx.RESULTS.where(
-            ran_out, optx.RESULTS.nonlinear_max_steps_reached, result
+            ran_out, optx.RESULTS.nonlinear_max_steps_reached, c.result
         )
         original = optx.Solution(
-            value=z, result=result, aux=None, stats={"num_steps": steps}, state=None
+            value=z, result=result, aux=None, stats={"num_steps": c.step}, state=None
         )
-        nfe = steps.astype(jnp.int32)
+        nfe = c.step
+        residual_trace = c.residual_trace
         if batched:
-            batch = best_sq.shape
+            batch = c.best_sq.shape
             nfe = jnp.broadcast_to(nfe, batch)
             code = jnp.broadcast_to(code, batch)
             if residual_trace is not None:
                 residual_trace = residual_trace.T
-        sampled = sampled if samples else None
+        sampled = c.sampled if samples else None
         return Forward(z, nfe, code, residual_trace, original, sampled)
 
 
@@ -207,7 +257,7 @@ def _diffrax_outcome(sol: diffrax.Solution, z0: PyTree[Array], reached) -> Forwa
     return Forward(z, sol.stats["num_steps"].astype(jnp.int32), code, None, sol)
 
 
-class DiffraxBackend(eqx.Module):
+class DiffraxBackend(AbstractBackend):
     """Integrates `dz/dt = f(z, x) - z` with a diffrax solver until a steady state
     (`diffrax.steady_state_event`), or over `[0, 1]` for a neural ODE."""
 
@@ -216,6 +266,12 @@ class DiffraxBackend(eqx.Module):
     atol: float = 1e-6
     dt0: float | None = None
     stepsize_controller: diffrax.AbstractStepSizeController | None = None
+
+    # diffrax's step cap is static; its loop is its own (differentiated by diffrax).
+    traced_budget: ClassVar[bool] = False
+    residual_trace: ClassVar[bool] = False
+    sampled_iterates: ClassVar[bool] = False
+    neural_ode: ClassVar[bool] = True
 
     def _controller(self):
         if self.stepsize_controller is not None:
@@ -235,20 +291,21 @@ class DiffraxBackend(eqx.Module):
             )
         return self.dt0
 
+    def _times(self, z0, t1) -> dict[str, Any]:
+        """`t0`, `t1`, `dt0` in the state's (floating, at least float32) dtype, so
+        diffrax does not promote a float32 state to float64 under x64."""
+        dtype = accumulation_dtype(jtu.tree_leaves(z0)[0].dtype)
+        dt0 = self._dt0()
+        return {
+            "t0": jnp.zeros((), dtype),
+            "t1": jnp.asarray(t1, dtype),
+            "dt0": None if dt0 is None else jnp.asarray(dt0, dtype),
+        }
+
     def solve(
-        self,
-        f: Cell,
-        z0: PyTree[Array],
-        args: PyTree,
-        *,
-        max_steps: int,
-        budget: int | None,
-        batched: bool,
-        trace: bool,
-        differentiable: bool = False,
-        samples: int = 0,
+        self, f, z0, args, budget, loop, *, max_steps, batched, trace, samples
     ) -> Forward:
-        del trace, batched, differentiable, samples  # checked at construction
+        del loop, trace, batched, samples  # checked at construction
         if budget is not None:
             if not isinstance(budget, int):
                 raise TypeError(
@@ -260,9 +317,7 @@ class DiffraxBackend(eqx.Module):
         sol = diffrax.diffeqsolve(
             term,
             self.solver,
-            t0=0.0,
-            t1=jnp.inf,
-            dt0=self._dt0(),
+            **self._times(z0, jnp.inf),
             y0=z0,
             args=args,
             saveat=diffrax.SaveAt(t1=True),
@@ -280,9 +335,7 @@ class DiffraxBackend(eqx.Module):
         sol = diffrax.diffeqsolve(
             term,
             self.solver,
-            t0=0.0,
-            t1=1.0,
-            dt0=self._dt0(),
+            **self._times(z0, 1.0),
             y0=z0,
             args=args,
             saveat=diffrax.SaveAt(t1=True),
