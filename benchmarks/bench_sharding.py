@@ -85,7 +85,7 @@ def _worker(batch: int, reps: int, rounds: int) -> dict:
         cell,
         solver,
         max_steps=30,
-        adjoint=jaxdeq.ImplicitAdjoint(atol=1e-6, max_steps=30),
+        adjoint=jaxdeq.ImplicitAdjoint(),
     )
     head = nn.Dense(d_state, classes)
 

@@ -179,7 +179,7 @@ def test_non_contractive_cell_is_exact_or_raises():
 
     assert max_rel_error(gradient(jaxdeq.ImplicitAdjoint()), exact) < 1e-12
     with pytest.raises(Exception, match="did not reach its tolerance"):
-        gradient(jaxdeq.ImplicitAdjoint("fixed_point"))
+        gradient(jaxdeq.ImplicitAdjoint("fixed_point", throw=True))
 
 
 def _tanh_problem():
@@ -226,13 +226,14 @@ def test_lineax_solver_outcome_is_checked():
     exact = jax.grad(_loss_fn(model_with(None), st, x))(ps)
     solver = lx.BiCGStab(rtol=1e-6, atol=1e-7)
     try:
-        got = jax.grad(_loss_fn(model_with(jaxdeq.ImplicitAdjoint(solver)), st, x))(ps)
+        loud = jaxdeq.ImplicitAdjoint(solver, throw=True)
+        got = jax.grad(_loss_fn(model_with(loud), st, x))(ps)
     except Exception as error:  # raised by jax as a runtime error
         assert "jaxdeq.ImplicitAdjoint" in str(error)
     else:
         assert max_rel_error(got, exact) < 1e-4
     reports = []
-    adjoint = jaxdeq.ImplicitAdjoint(solver, throw=False, callback=reports.append)
+    adjoint = jaxdeq.ImplicitAdjoint(solver, callback=reports.append)
     jax.grad(_loss_fn(model_with(adjoint), st, x))(ps)
     assert len(reports) == 5  # one solve per sample
     result = np.array([stats.result for stats in reports])
@@ -284,11 +285,11 @@ def test_backward_failure_raises_or_is_reported():
     """`throw=True` raises, under jit, on a backward solve that cannot finish; with
     `throw=False` the statistics say that it did not."""
     model_with, ps, st, x = _tanh_problem()
-    failing = jaxdeq.ImplicitAdjoint(max_steps=1)
+    failing = jaxdeq.ImplicitAdjoint(max_steps=1, throw=True)
     with pytest.raises(Exception, match="within max_steps"):
         jax.jit(jax.grad(_loss_fn(model_with(failing), st, x)))(ps)
     reports = []
-    quiet = jaxdeq.ImplicitAdjoint(max_steps=1, throw=False, callback=reports.append)
+    quiet = jaxdeq.ImplicitAdjoint(max_steps=1, callback=reports.append)
     grad = jax.jit(jax.grad(_loss_fn(model_with(quiet), st, x)))(ps)
     assert np.all(np.isfinite(jax.flatten_util.ravel_pytree(grad)[0]))
     stats = _stacked(reports)

@@ -158,11 +158,13 @@ class ImplicitAdjoint(AbstractAdjoint):
     - `max_steps`: the most products with `J` per solve (default 100).
     - `restart`: the Krylov dimension of `"gmres"` before it restarts (memory:
         `restart + 1` vectors the size of one sample's state).
-    - `throw`: if `True` (default), a solve that fails (runs out of steps, reports a
-        failure, or produces NaN/infinity) raises at run time, under `jit` too, with
-        an error naming the backward solve (`jax.errors.JaxRuntimeError` under
-        `jit`): a wrong gradient is never returned silently. With `throw=False` the
-        gradient is returned as it is.
+    - `throw`: if `True`, a solve that fails (runs out of steps, reports a failure,
+        or produces NaN/infinity) raises at run time, under `jit` too, with an error
+        naming the backward solve (`jax.errors.JaxRuntimeError` under `jit`). With
+        `False` (default, optimistix's and the models' convention for outcomes that
+        are not errors of the program) the gradient is returned as it is; read the
+        outcome with `callback`. `throw=True` adds a host callback guarded by a
+        condition to the compiled backward pass.
     - `callback`: `None`, or a function called at run time with the
         [`jaxdeq.BackwardStatistics`][] of every solve (products used, final residual
         and its ratio to `||b||`, a [`jaxdeq.RESULTS`][] code), through
@@ -189,8 +191,8 @@ class ImplicitAdjoint(AbstractAdjoint):
     >>> ps, st = model.init(jax.random.key(0), x)
     >>> grads = jax.grad(lambda ps: jnp.sum(model.apply(ps, st, x)[0]))(ps)
     >>> jvp = jax.jvp(lambda x: model.apply(ps, st, x)[0], (x,), (x,))[1]
-    >>> len(steps)  # one reverse-mode solve, one forward-mode solve
-    2
+    >>> len(steps)  # per sample: one reverse-mode and one forward-mode solve
+    4
 
     ```
     """
@@ -200,7 +202,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     atol: float = 0.0
     max_steps: int = 100
     restart: int = 20
-    throw: bool = True
+    throw: bool = False
     callback: Callable[[BackwardStatistics], Any] | None = None
 
     def __check_init__(self):
