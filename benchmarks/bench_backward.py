@@ -1,5 +1,6 @@
-"""The implicit backward solve on W1 and W2: GMRES (the default) against fixed-point
-iteration of the VJP (torchdeq's backward: 30 steps, as in BENCHMARKS.md).
+"""The implicit backward solve on W1 and W2: "auto" (the default: fixed-point
+iteration while it contracts fast, then GMRES), GMRES alone, and fixed-point
+iteration of the VJP alone (torchdeq's backward: 30 steps, as in BENCHMARKS.md).
 
 For each workload and backward solver: products with the cell's Jacobian per sample
 (max and mean, from `ImplicitAdjoint(callback=...)`, residual check included), the
@@ -27,12 +28,13 @@ from bench_gradients import _cosine, _initial, _setup, _train_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "backward.md"
 SOLVERS = {
-    "GMRES (default)": jaxdeq.ImplicitAdjoint(throw=False),
-    "fixed point, 30 steps": jaxdeq.ImplicitAdjoint(
-        "fixed_point", rtol=1e-6, max_steps=30, throw=False
+    "auto (default)": jaxdeq.ImplicitAdjoint(),
+    "GMRES": jaxdeq.ImplicitAdjoint("gmres"),
+    "fixed point, 30 steps, rtol 1e-6": jaxdeq.ImplicitAdjoint(
+        "fixed_point", rtol=1e-6, max_steps=30
     ),
 }
-REFERENCE = jaxdeq.ImplicitAdjoint(rtol=1e-6, max_steps=300, throw=False)
+REFERENCE = jaxdeq.ImplicitAdjoint(rtol=1e-6, max_steps=300)
 BATCH = {"w1": 128, "w2": 32}
 REPS = {"w1": 20, "w2": 3}
 
@@ -94,7 +96,7 @@ def main() -> None:
     rows = [r for name in args.workloads.split(",") for r in bench(name, args.tiny)]
     load = os.getloadavg()[0]
     lines = [
-        "## Implicit backward solve: GMRES vs fixed-point iteration",
+        "## Implicit backward solve: auto vs GMRES vs fixed-point iteration",
         "",
         f"`python benchmarks/bench_backward.py`, 1-min load {load:.1f} at the end. "
         "Products: JVP/VJP products with the cell's Jacobian per sample (residual "

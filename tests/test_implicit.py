@@ -157,9 +157,10 @@ def test_linear_cell_jacobian_and_hessian(joint):
     z_star = a @ np.asarray(X_ISSUE)
     hessian = a.T @ np.diag(-np.sin(z_star)) @ a
     loss = lambda x: jnp.sum(jnp.sin(z_of(x)))
-    assert max_rel_error(jax.jacfwd(z_of)(X_ISSUE), a) < 1e-12
-    assert max_rel_error(jax.jacrev(z_of)(X_ISSUE), a) < 1e-12
-    assert max_rel_error(jax.hessian(loss)(X_ISSUE), hessian) < 1e-12
+    # The default backward tolerance is eps^(2/3) = 3.7e-11 relative in float64.
+    assert max_rel_error(jax.jacfwd(z_of)(X_ISSUE), a) < 1e-9
+    assert max_rel_error(jax.jacrev(z_of)(X_ISSUE), a) < 1e-9
+    assert max_rel_error(jax.hessian(loss)(X_ISSUE), hessian) < 1e-9
 
 
 def test_non_contractive_cell_is_exact_or_raises():
@@ -300,7 +301,7 @@ def test_backward_failure_raises_or_is_reported():
 
 
 def test_bad_implicit_adjoint_configuration():
-    with pytest.raises(ValueError, match="linear_solver: expected 'gmres'"):
+    with pytest.raises(ValueError, match="linear_solver: expected 'auto'"):
         jaxdeq.ImplicitAdjoint("anderson")
     with pytest.raises(TypeError, match="linear_solver"):
         jaxdeq.ImplicitAdjoint(optx.Newton(rtol=1e-3, atol=1e-3))

@@ -143,10 +143,13 @@ class ImplicitAdjoint(AbstractAdjoint):
 
     **Arguments:**
 
-    - `linear_solver`: `"gmres"` (default: restarted GMRES, one JVP/VJP per step,
-        which converges wherever `I - J` is invertible), `"fixed_point"` (iterate
-        `u <- b + J u`, torchdeq's default: one product per step, converges only if
-        the spectral radius of `J` is below 1), or any lineax solver, e.g.
+    - `linear_solver`: `"auto"` (default): fixed-point iteration while each step
+        shrinks the residual by at least half, then GMRES from where it got to;
+        `"gmres"`: restarted GMRES from the start (one product per step; converges
+        wherever `I - J` is invertible); `"fixed_point"`: iterate `u <- b + J u`
+        only (torchdeq's backward: the cheapest step, converges only if the
+        spectral radius of `J` is below 1; stops when it diverges); or any lineax
+        solver, e.g.
         `lineax.BiCGStab(rtol=1e-8, atol=1e-8)` (which then uses its own
         tolerances; its result is checked like the others').
     - `rtol`, `atol`: each solve stops once `||b - (I - J) u||_2 <= max(atol,
@@ -156,7 +159,7 @@ class ImplicitAdjoint(AbstractAdjoint):
         float32), or of the model's `compute_dtype` when it is set (0.039 in
         bfloat16).
     - `max_steps`: the most products with `J` per solve (default 100).
-    - `restart`: the Krylov dimension of `"gmres"` before it restarts (memory:
+    - `restart`: the Krylov dimension of GMRES before it restarts (memory:
         `restart + 1` vectors the size of one sample's state).
     - `throw`: if `True`, a solve that fails (runs out of steps, reports a failure,
         or produces NaN/infinity) raises at run time, under `jit` too, with an error
@@ -197,7 +200,9 @@ class ImplicitAdjoint(AbstractAdjoint):
     ```
     """
 
-    linear_solver: Literal["gmres", "fixed_point"] | lx.AbstractLinearSolver = "gmres"
+    linear_solver: Literal["auto", "gmres", "fixed_point"] | lx.AbstractLinearSolver = (
+        "auto"
+    )
     rtol: float | None = None
     atol: float = 0.0
     max_steps: int = 100
@@ -206,9 +211,9 @@ class ImplicitAdjoint(AbstractAdjoint):
     callback: Callable[[BackwardStatistics], Any] | None = None
 
     def __check_init__(self):
-        expected = "'gmres', 'fixed_point' or a lineax solver"
+        expected = "'auto', 'gmres', 'fixed_point' or a lineax solver"
         if isinstance(self.linear_solver, str):
-            if self.linear_solver not in ("gmres", "fixed_point"):
+            if self.linear_solver not in ("auto", "gmres", "fixed_point"):
                 raise ValueError(
                     f"linear_solver: expected {expected}, got {self.linear_solver!r}"
                 )
