@@ -11,6 +11,7 @@ steps), per-sample (vmapped) solves.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import equinox as eqx
@@ -64,7 +65,8 @@ def make_model(cell, cell_params, z0) -> jaxdeq.DeepEquilibriumNetwork:
         init=zeros,
         # The default backward: GMRES to eps^(2/3) relative (float32: 2.4e-5), which
         # is more accurate than BENCHMARKS.md's 30 fixed-point VJP steps to 1e-6.
-        adjoint=jaxdeq.ImplicitAdjoint(),
+        # JAXDEQ_BACKWARD=gmres|fixed_point measures the other backward solvers.
+        adjoint=jaxdeq.ImplicitAdjoint(os.environ.get("JAXDEQ_BACKWARD", "auto")),
         max_steps=MAX_STEPS,
     )
 

@@ -206,7 +206,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     rtol: float | None = None
     atol: float = 0.0
     max_steps: int = 100
-    restart: int = 20
+    restart: int = 10
     throw: bool = False
     callback: Callable[[BackwardStatistics], Any] | None = None
 

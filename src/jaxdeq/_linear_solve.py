@@ -3,8 +3,8 @@
 `solve_linear` runs one solve for `jax.lax.custom_linear_solve`: JAX calls it for the
 tangent solve of forward mode (`A = I - J`, by JVPs) and, transposed, for the
 cotangent solve of reverse mode (`A^T = I - J^T`, by VJPs). Each solve stops relative
-to its own right-hand side, checks its answer with one more product (the true
-residual `||b - A u||`), and reports the outcome: to a callback, and as a run-time
+to its own right-hand side, judges its answer by the true residual `||b - A u||` (never
+an estimate), and reports the outcome: to a callback, and as a run-time
 error when asked to throw. It is never dropped.
 
 `fixed_point_iteration` is the Richardson iteration `u <- b + J u` (torchdeq's
@@ -38,8 +38,9 @@ class BackwardStatistics(eqx.Module):
 
     **Fields** (scalars: per-sample solves report once per sample):
 
-    - `steps`: products with `J` (JVPs in forward mode, VJPs in reverse mode),
-        including the final check of the residual.
+    - `steps`: products with `J` (JVPs in forward mode, VJPs in reverse mode):
+        one per fixed-point or GMRES step, plus one per GMRES restart cycle (its
+        true residual), plus one to check a lineax solver's answer.
     - `residual_norm`: `||b - (I - J) u||_2` of the returned `u`.
     - `relative_residual_norm`: `residual_norm / ||b||_2` (0 when `b = 0`).
     - `result`: a [`jaxdeq.RESULTS`][] code: `successful`, `max_steps_reached`,
@@ -67,15 +68,15 @@ def gmres(
     restart: int,
     max_steps: int,
     steps: Int[Array, ""],
-) -> tuple[Vector, Int[Array, ""]]:
+) -> tuple[Vector, Vector, Int[Array, ""]]:
     """Restarted GMRES(`restart`) for `A x = b` (Saad & Schultz, 1986), from `x` with
     residual `b - A x`, stopping once the residual is `<= tol` or `steps` reaches
-    `max_steps`.
+    `max_steps` (products, counting one per cycle for its true residual).
 
     Arnoldi with classical Gram-Schmidt applied twice (CGS2) and Givens rotations
     accumulated in a small orthogonal matrix; the residual estimate `|g_{j+1}|` is
-    checked after every product, and a restart takes its residual from the Arnoldi
-    relation, so every step costs exactly one product. Returns `(x, steps)`.
+    checked after every product; each cycle ends with the true residual. Returns
+    `(x, b - A x, steps)`; no cycle runs when `residual` already meets `tol`.
     """
     (n,) = b.shape
     m = min(restart, max(n, 1))
@@ -83,20 +84,20 @@ def gmres(
     eye = jnp.eye(m + 1, dtype=b.dtype)
 
     def arnoldi(carry):
-        # Rows are read and written through one-hot masks, not `basis[j]` /
-        # `.at[j].set`: under a per-sample `vmap` `j` is batched, and a batched
-        # dynamic index becomes a gather/scatter, slow on CPU. The masks cost
-        # O(restart * n), like the Gram-Schmidt step itself.
-        basis, triangular, rotations, g, j, steps = carry
+        # Rows are written through one-hot masks, not `.at[j].set`: under a
+        # per-sample `vmap` `j` is batched, and a batched dynamic index becomes a
+        # scatter, slow on CPU. The current Arnoldi vector is carried, not read back.
+        basis, vector, triangular, rotations, g, j, steps = carry
         at_j = (rows == j).astype(b.dtype)
         at_next = (rows == j + 1).astype(b.dtype)
-        w = matvec(at_j @ basis)
+        w = matvec(vector)
         done_rows = (rows <= j).astype(b.dtype)
         h = (basis @ w) * done_rows
         w = w - h @ basis
-        h2 = (basis @ w) * done_rows
-        w = w - h2 @ basis
-        h = h + h2
+        if REORTHOGONALIZE:
+            h2 = (basis @ w) * done_rows
+            w = w - h2 @ basis
+            h = h + h2
         h_next = _norm(w)
         v = jnp.where(h_next > 0, w / jnp.where(h_next > 0, h_next, 1), 0)
         basis = basis + at_next[:, None] * (v[None, :] - basis)
@@ -115,7 +116,7 @@ def gmres(
         column = givens @ column
         triangular = triangular + (column[:, None] - triangular) * at_j[None, :m]
         g = givens @ g
-        return basis, triangular, rotations, g, j + 1, steps + 1
+        return basis, v, triangular, rotations, g, j + 1, steps + 1
 
     def cycle(carry):
         x, residual, steps = carry
@@ -124,14 +125,15 @@ def gmres(
         basis = basis.at[0].set(residual / jnp.where(beta > 0, beta, 1))
         g = jnp.zeros((m + 1,), b.dtype).at[0].set(beta)
         j0 = jnp.array(0, jnp.int32)
-        inner = (basis, jnp.zeros((m + 1, m), b.dtype), eye, g, j0, steps)
+        triangular = jnp.zeros((m + 1, m), b.dtype)
+        inner = (basis, basis[0], triangular, eye, g, j0, steps)
 
         def keep_going(c):
             *_, g, j, steps = c
             estimate = jnp.abs((rows == j).astype(b.dtype) @ g)
             return (j < m) & (estimate > tol) & (steps < max_steps)
 
-        basis, triangular, rotations, g, k, steps = jax.lax.while_loop(
+        basis, _, triangular, rotations, g, k, steps = jax.lax.while_loop(
             keep_going, arnoldi, inner
         )
         # x += V_k y with R_k y = g_k (unused columns padded with the identity).
@@ -143,17 +145,15 @@ def gmres(
             square, jnp.where(active, g[:m], 0), lower=False
         )
         x = x + y @ basis[:m]
-        # b - A x = V_{k+1} Q^T (g_k e_k) (the Arnoldi relation; no product).
-        at_k = (rows == k).astype(b.dtype)
-        residual = (at_k @ g) * ((at_k @ rotations) @ basis)
-        return x, residual, steps
+        # The true residual (one product per cycle): restarts and the caller's
+        # check see b - A x itself, not the Arnoldi estimate.
+        return x, b - matvec(x), steps + 1
 
     def not_done(carry):
         _, residual, steps = carry
         return (_norm(residual) > tol) & (steps < max_steps)
 
-    x, _, steps = jax.lax.while_loop(not_done, cycle, (x, residual, steps))
-    return x, steps
+    return jax.lax.while_loop(not_done, cycle, (x, residual, steps))
 
 
 def fixed_point_iteration(
@@ -194,11 +194,16 @@ def fixed_point_iteration(
     return x, residual, steps
 
 
+# Classical Gram-Schmidt twice (CGS2): orthogonal to working precision. (Once is
+# 1.3x cheaper per GMRES step on W1, but loses orthogonality on ill-conditioned J.)
+REORTHOGONALIZE = True
+
 # "auto": fixed-point iteration while each step shrinks the residual at least this
-# much (a 1e-5 reduction in about 17 steps), then GMRES from where it got to:
-# measured on W1 (ratio ~0.4, fixed point is cheapest) and W2 (~0.8, GMRES needs
-# 3x fewer products), `benchmarks/results/backward.md`.
-SWITCH_RATIO = 0.5
+# much (a 1e-5 reduction in about 32 steps), then GMRES from where it got to. On
+# W1 fixed point is cheapest (ratio ~0.4; a GMRES step costs ~2x a 256-wide
+# matvec on CPU), on W2 GMRES needs 3x fewer products (ratio ~0.8):
+# `benchmarks/results/backward.md`.
+SWITCH_RATIO = 0.7
 
 
 class LinearSolveSettings(eqx.Module):
@@ -260,7 +265,7 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
                 switch_ratio=SWITCH_RATIO if settings.method == "auto" else None,
             )
         if settings.method != "fixed_point":
-            u, steps = gmres(
+            u, residual, steps = gmres(
                 flat_matvec,
                 b32,
                 u,
@@ -277,11 +282,11 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
         u = solution.value
         steps = jnp.asarray(solution.stats.get("num_steps", 0), jnp.int32)
         solver_failed = solution.result != lx.RESULTS.successful
-    residual_norm = _norm(b32 - flat_matvec(u))
+        residual = b32 - flat_matvec(u)  # checked: one more product
+        steps = steps + 1
+    residual_norm = _norm(residual)
     finite = jnp.isfinite(residual_norm) & jnp.all(jnp.isfinite(u))
-    # Own solvers stop on an estimate (GMRES) or on the residual itself; allow for
-    # rounding between the estimate and the true residual.
-    converged = residual_norm <= 2 * tol
+    converged = residual_norm <= tol
     result = jnp.where(
         ~finite,
         RESULTS.nonfinite,
@@ -293,7 +298,7 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
     ).astype(jnp.int32)
     if settings.callback is not None:
         stats = BackwardStatistics(
-            steps=steps + 1,
+            steps=steps,
             residual_norm=residual_norm,
             relative_residual_norm=jnp.where(
                 b_norm > 0, residual_norm / jnp.where(b_norm > 0, b_norm, 1), 0
