@@ -99,8 +99,9 @@ def main() -> None:
         "## Implicit backward solve: auto vs GMRES vs fixed-point iteration",
         "",
         f"`python benchmarks/bench_backward.py`, 1-min load {load:.1f} at the end. "
-        "Products: JVP/VJP products with the cell's Jacobian per sample (residual "
-        "check included); the batch pays the per-sample maximum. Cosine: with GMRES "
+        "Products: JVP/VJP products with the cell's Jacobian per sample (GMRES: "
+        "one more per restart cycle, its true residual); the batch pays the "
+        "per-sample maximum. Cosine: with GMRES "
         "to 1e-6 relative.",
         "",
         "| workload | backward solver | products max / mean | max rel. residual "

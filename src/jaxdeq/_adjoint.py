@@ -144,7 +144,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     **Arguments:**
 
     - `linear_solver`: `"auto"` (default): fixed-point iteration while each step
-        shrinks the residual by at least half, then GMRES from where it got to;
+        shrinks the residual by at least 30 %, then GMRES from where it got to;
         `"gmres"`: restarted GMRES from the start (one product per step; converges
         wherever `I - J` is invertible); `"fixed_point"`: iterate `u <- b + J u`
         only (torchdeq's backward: the cheapest step, converges only if the
