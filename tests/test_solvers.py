@@ -43,7 +43,7 @@ def _linear_problem(n, eigenvalues, seed=0, dtype=F32):
     """`f(z) = A z + b` with `A = Q diag(eigenvalues) Q^T`; returns `f, A, b, z*`."""
     key_q, key_b = jax.random.split(jax.random.key(seed))
     q, _ = jnp.linalg.qr(jax.random.normal(key_q, (n, n), dtype))
-    a = (q * jnp.asarray(eigenvalues, dtype)) @ q.T
+    a = (q * jnp.asarray(eigenvalues, dtype)[None, :]) @ q.T
     b = jax.random.normal(key_b, (n,), dtype)
     z_star = jnp.linalg.solve(jnp.eye(n, dtype=dtype) - a, b)
     return (lambda z, args: a @ z + b), a, b, z_star

@@ -29,12 +29,11 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._conv_canon import canonicalize_convolutions
 from ._linear_solve import BackwardStatistics, LinearSolveSettings, solve_linear
-from ._misc import tree_sub, tree_where
+from ._misc import tree_sub, tree_where, zero_cotangent
 
 Cell = Callable[[PyTree[Array], PyTree], PyTree[Array]]
 # forward(f, z0, args, budget, loop) -> Forward (see _backend.py)
@@ -89,17 +88,6 @@ def _value_preserving(z_star, z_graded):
 
 def _is_symbolic_zero(tangent) -> bool:
     return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
-
-
-def _zero_tangent(x):
-    """A zero tangent for a primal output (`float0` for integer leaves)."""
-
-    def zero(leaf):
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            return jnp.zeros_like(leaf)
-        return np.zeros(np.shape(leaf), dtype=jax.dtypes.float0)
-
-    return jtu.tree_map(zero, x)
 
 
 def _partial_jvp(fn: Callable, primals: PyTree, tangents: PyTree):
@@ -294,7 +282,7 @@ class ImplicitAdjoint(AbstractAdjoint):
                         settings, canonicalize_convolutions(vecmat), b
                     ),
                 )
-            out_dot = _zero_tangent(out)
+            out_dot = zero_cotangent(out)  # (a zero tangent: same structure)
             return out, eqx.tree_at(lambda o: o.z, out_dot, z_dot)
 
         fixed_point.defjvp(fixed_point_jvp, symbolic_zeros=True)

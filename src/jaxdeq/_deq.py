@@ -1,28 +1,16 @@
 """DeepEquilibriumNetwork and SkipDeepEquilibriumNetwork."""
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
+from ._equilibrium import EquilibriumConfig
+from ._model import AbstractEquilibriumModel
 from .nn._core import AbstractLayer
 
 INIT_MODES = ("zeros", "skip_reg", "layer")
-
-
-def _check_input(x: Any) -> None:
-    leaves = jtu.tree_leaves(x)
-    if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
-        raise ValueError(
-            "x: expected a batch-first array (or pytree of arrays) with a leading "
-            f"batch axis, got {jax.eval_shape(lambda: x)}"
-        )
-    batch = {jnp.shape(leaf)[0] for leaf in leaves}
-    if len(batch) != 1:
-        raise ValueError(f"x: every leaf needs the same batch size, got {batch}")
 
 
 def _resolve_init(init) -> tuple[str, AbstractLayer | None]:
@@ -42,7 +30,7 @@ def _resolve_init(init) -> tuple[str, AbstractLayer | None]:
     )
 
 
-class DeepEquilibriumNetwork(AbstractLayer):
+class DeepEquilibriumNetwork(AbstractEquilibriumModel):
     """Deep equilibrium network (Bai et al., 2019; Pal et al., 2022): the output is
     the fixed point `z* = f(z*, x)` of the cell `f`, found by an optimistix
     root-finder or fixed-point solver or a diffrax steady-state solve, and
@@ -156,27 +144,10 @@ class DeepEquilibriumNetwork(AbstractLayer):
             **solver_options,
         )
 
-    @property
-    def max_steps(self) -> int:
-        return self.config.max_steps
+    cell_name: ClassVar[str] = "model"
 
-    def _cell(self, ps, st, z, x):
-        return self.model.apply(ps, st, (z, x))
-
-    def _initial_state(self, ps, st, x):
-        """`(u0, z0, init layer state)`."""
-        if self.init_mode == "layer":
-            u0, st_init = self.init_layer.apply(ps["init"], st["init"], x)
-            return u0, u0, st_init
-        zeros = jtu.tree_map(jnp.zeros_like, x)
-        if self.init_mode == "zeros":
-            return zeros, zeros, None
-        u0, _ = self._cell(ps["model"], st["model"], zeros, x)
-        return u0, u0, None
-
-    def init(self, key: PRNGKeyArray, x: Array) -> tuple[PyTree, PyTree]:
-        _check_input(x)
-        model_key, init_key, state_key = jax.random.split(key, 3)
+    def _init_layers(self, key, x):
+        model_key, init_key = jax.random.split(key)
         ps, st = {}, {}
         if self.init_mode == "layer":
             ps["init"], st["init"] = self.init_layer.init(init_key, x)
@@ -184,38 +155,32 @@ class DeepEquilibriumNetwork(AbstractLayer):
         else:
             z = jtu.tree_map(jnp.zeros_like, x)
         ps["model"], st["model"] = self.model.init(model_key, (z, x))
-        st["key"] = state_key
-        st["solution"] = None
-        solution = jax.eval_shape(lambda: self.apply(ps, st, x)[1]["solution"])
-        st["solution"] = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), solution)
         return ps, st
 
-    def apply(
-        self, ps: PyTree, st: PyTree, x: Array, *, max_steps: int | Array | None = None
-    ) -> tuple[Array, PyTree]:
-        _check_input(x)
-        key, probe_key = jax.random.split(st["key"])
-        # Per-forward work of the cell's layers (weight/spectral normalization) runs
-        # once here, not at every solver iteration; see `AbstractLayer.prepare`.
-        model_ps, model_st = self.model.prepare(ps["model"], st["model"])
-        ps, st = dict(ps, model=model_ps), dict(st, model=model_st)
-        u0, z0, st_init = self._initial_state(ps, st, x)
-        check_cell_output(self._cell, ps["model"], st["model"], z0, x)
-        z, st_model, solution = solve_equilibrium(
-            self.config,
-            self._cell,
-            ps["model"],
-            st["model"],
-            x,
-            u0,
-            z0,
-            probe_key,
-            max_steps,
-        )
-        new_st = dict(st, model=st_model, key=key, solution=solution)
-        if st_init is not None:
-            new_st["init"] = st_init
-        return z, new_st
+    def _cell_part(self, tree):
+        return tree["model"]
+
+    def _with_cell_state(self, st, cell_st):
+        return dict(st, model=cell_st)
+
+    def _prepare(self, cell_ps, cell_st):
+        return self.model.prepare(cell_ps, cell_st)
+
+    def _cell(self, cell_ps, cell_st, z, x):
+        return self.model.apply(cell_ps, cell_st, (z, x))
+
+    def _initial_state(self, ps, st, cell_ps, cell_st, x):
+        if self.init_mode == "layer":
+            u0, st_init = self.init_layer.apply(ps["init"], st["init"], x)
+            return u0, u0, st_init
+        zeros = jtu.tree_map(jnp.zeros_like, x)
+        if self.init_mode == "zeros":
+            return zeros, zeros, None
+        u0, _ = self._cell(cell_ps, cell_st, zeros, x)
+        return u0, u0, None
+
+    def _output(self, z):
+        return z
 
 
 def SkipDeepEquilibriumNetwork(

@@ -50,18 +50,21 @@ def sample_sq_norm(tree: PyTree[Array], *, batched: bool) -> Array:
 
 
 def tree_all_finite(tree: PyTree[Array], *, batched: bool = False) -> Array:
-    out = None
+    """Whether every element is finite: a scalar, or per sample with `batched`
+    (`True` for an empty tree)."""
+    out = jnp.array(True)
     for leaf in jtu.tree_leaves(tree):
         if batched:
             ok = jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1)
         else:
             ok = jnp.all(jnp.isfinite(leaf))
-        out = ok if out is None else out & ok
+        out = out & ok
     return out
 
 
 def zero_cotangent(x: PyTree) -> PyTree:
-    """The zero cotangent of a pytree (`float0` for integer and key leaves)."""
+    """The zero cotangent (or tangent) of a pytree (`float0` for integer and key
+    leaves)."""
 
     def zero(leaf):
         dtype = jnp.result_type(leaf)

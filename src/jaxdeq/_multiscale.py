@@ -15,15 +15,15 @@ works unchanged.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, PRNGKeyArray
 
-from ._deq import _check_input
-from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
+from ._equilibrium import EquilibriumConfig
+from ._model import AbstractEquilibriumModel
 from .nn._core import AbstractLayer
 
 _CELL_GROUPS = ("main", "mapping", "post_fuse")
@@ -126,7 +126,7 @@ def _check_fits(name: str, out: Any, target: Array, scale: int) -> None:
         )
 
 
-class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
+class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
     """Multiscale deep equilibrium network (Bai et al., 2020): a DEQ whose state is a
     tuple of arrays, one per scale, coupled by a matrix of mapping layers.
 
@@ -229,9 +229,7 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
         # The solve settings are exactly the single-scale model's, validated there.
         self.config = EquilibriumConfig(solver, **kwargs)
 
-    @property
-    def max_steps(self) -> int:
-        return self.config.max_steps
+    cell_name: ClassVar[str] = "main_layers"
 
     def _fuse(self, z: tuple, x: Any, call: _LayerCall) -> tuple:
         """One application of the map, every layer run through `call`."""
@@ -335,6 +333,20 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
         return self._nest(new_ps), self._nest(new_st)
 
     def _init_layers(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
+        # One compiled program instead of op-by-op dispatch: eager initialisation of
+        # the N + N^2 (+ N) layers compiles every small op for every shape.
+        return jax.jit(self._layers_init)(key, x)
+
+    def _cell_part(self, tree: dict) -> dict:
+        return _cell_part(tree)
+
+    def _with_cell_state(self, st: dict, cell_st: dict) -> dict:
+        return dict(st, **cell_st)
+
+    def _output(self, z) -> tuple[Array, ...]:
+        return tuple(z)
+
+    def _layers_init(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
         """Every layer's `(ps, st)`, each layer initialised on its sample input."""
         cell_key, init_key = jax.random.split(key)
         ps, st = {}, {}
@@ -369,34 +381,6 @@ class MultiScaleDeepEquilibriumNetwork(AbstractLayer):
 
         self._fuse(z, x, call)
         return dict(ps, **self._nest(layer_ps)), dict(st, **self._nest(layer_st))
-
-    def init(self, key: PRNGKeyArray, x: Any) -> tuple[PyTree, PyTree]:
-        _check_input(x)
-        layers_key, state_key = jax.random.split(key)
-        # One compiled program instead of op-by-op dispatch: eager initialisation of
-        # the N + N^2 (+ N) layers compiles every small op for every shape.
-        ps, st = jax.jit(self._init_layers)(layers_key, x)
-        st["key"] = state_key
-        st["solution"] = None
-        solution = jax.eval_shape(lambda: self.apply(ps, st, x)[1]["solution"])
-        st["solution"] = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), solution)
-        return ps, st
-
-    def apply(
-        self, ps: PyTree, st: PyTree, x: Any, *, max_steps: int | Array | None = None
-    ) -> tuple[tuple[Array, ...], PyTree]:
-        _check_input(x)
-        key, probe_key = jax.random.split(st["key"])
-        cell_ps, cell_st = self._prepare(_cell_part(ps), _cell_part(st))
-        u0, z0, st_init = self._initial_state(ps, st, cell_ps, cell_st, x)
-        check_cell_output(self._cell, cell_ps, cell_st, z0, x, name="main_layers")
-        z, new_cell_st, solution = solve_equilibrium(
-            self.config, self._cell, cell_ps, cell_st, x, u0, z0, probe_key, max_steps
-        )
-        new_st = dict(st, **new_cell_st, key=key, solution=solution)
-        if st_init is not None:
-            new_st["init"] = st_init
-        return tuple(z), new_st
 
 
 def _at(tree: Any, index: tuple[int, ...]) -> Any:

@@ -9,15 +9,14 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, PyTree, Scalar
 
-from ._misc import (
+from .._misc import tree_all_finite, tree_where
+from ._common import (
     Aux,
     Progress,
     Termination,
     Y,
     check_common_options,
     scaled_residual_size,
-    tree_allfinite,
-    tree_where,
 )
 
 
@@ -188,7 +187,7 @@ class Anderson(optx.AbstractFixedPointSolver[Y, Aux, _AndersonState]):
             )
             residual_norm = self.norm(residual)
         progress = state.progress.record(y, aux, error, residual_norm)
-        finite = tree_allfinite(residual)
+        finite = tree_all_finite(residual)
 
         y_flat, unravel = jfu.ravel_pytree(y)
         residual_flat, _ = jfu.ravel_pytree(residual)

@@ -9,15 +9,14 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from ._misc import (
+from .._misc import tree_all_finite, tree_where
+from ._common import (
     Aux,
     Progress,
     Termination,
     Y,
     check_common_options,
     scaled_residual_size,
-    tree_allfinite,
-    tree_where,
 )
 
 # Armijo constant of the line search, and the step length below which a trial point
@@ -194,7 +193,7 @@ class Broyden(optx.AbstractRootFinder[Y, Y, Aux, _BroydenState]):
             )
             residual_norm = self.norm(residual)
         progress = state.progress.record(y, aux, error, residual_norm)
-        finite = tree_allfinite(residual)
+        finite = tree_all_finite(residual)
 
         dtype = state.y_base.dtype
         y_flat, unravel = jfu.ravel_pytree(y)

@@ -1,5 +1,5 @@
 """Pieces shared by jaxdeq's solvers: the termination measure and best-iterate
-tracking."""
+tracking. (Pytree helpers shared by the whole package are in `jaxdeq._misc`.)"""
 
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Bool, Int, PyTree, Scalar
+
+from .._misc import tree_where
 
 Y = TypeVar("Y")
 Aux = TypeVar("Aux")
@@ -52,15 +54,6 @@ def scaled_residual_size(
         )
         return norm(ratio)
     return safe_ratio(norm(residual), atol + rtol * norm(reference))
-
-
-def tree_allfinite(tree: PyTree[Array]) -> Bool[Array, ""]:
-    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jtu.tree_leaves(tree)]
-    return jnp.array(True) if len(leaves) == 0 else jnp.stack(leaves).all()
-
-
-def tree_where(pred: Bool[ArrayLike, ""], true: PyTree, false: PyTree) -> PyTree:
-    return jtu.tree_map(lambda t, f: jnp.where(pred, t, f), true, false)
 
 
 def check_common_options(

@@ -1,0 +1,105 @@
+"""The `init`/`apply` template that every DEQ model shares.
+
+A model declares its layers and cell through a few hooks; `init` and `apply` are
+written once here:
+
+`apply`: advance the PRNG key -> prepare the cell's layers (once per forward pass)
+-> initial state -> check the cell's output -> `solve_equilibrium` (engine ->
+backend -> solver, with the gradient mode around it) -> the new state.
+"""
+
+import abc
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
+from .nn._core import AbstractLayer
+
+
+def check_input(x: Any) -> None:
+    leaves = jtu.tree_leaves(x)
+    if not leaves or any(jnp.ndim(leaf) < 1 for leaf in leaves):
+        raise ValueError(
+            "x: expected a batch-first array (or pytree of arrays) with a leading "
+            f"batch axis, got {jax.eval_shape(lambda: x)}"
+        )
+    batch = {jnp.shape(leaf)[0] for leaf in leaves}
+    if len(batch) != 1:
+        raise ValueError(f"x: every leaf needs the same batch size, got {batch}")
+
+
+class AbstractEquilibriumModel(AbstractLayer):
+    """A DEQ model: its cell, initial state and layers, solved by the shared engine.
+
+    `ps` and `st` are dicts; `st` also holds `"key"` (advanced by every `apply`) and
+    `"solution"` (the last call's [`jaxdeq.DeepEquilibriumSolution`][]).
+    """
+
+    config: EquilibriumConfig
+    # The argument named by errors about the cell's output.
+    cell_name: ClassVar[str]
+
+    @abc.abstractmethod
+    def _init_layers(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
+        """`(ps, st)` of every layer (cell and init layers) for inputs like `x`."""
+
+    @abc.abstractmethod
+    def _cell_part(self, tree: dict) -> PyTree:
+        """The cell's part of the model's `ps` or `st`."""
+
+    @abc.abstractmethod
+    def _with_cell_state(self, st: dict, cell_st: PyTree) -> dict:
+        """`st` with the cell's part replaced."""
+
+    @abc.abstractmethod
+    def _prepare(self, cell_ps: PyTree, cell_st: PyTree) -> tuple[PyTree, PyTree]:
+        """The cell layers' `prepare` (see `AbstractLayer.prepare`)."""
+
+    @abc.abstractmethod
+    def _cell(self, cell_ps, cell_st, z, x) -> tuple[PyTree, PyTree]:
+        """The batched cell: `(f(z, x), new cell state)`."""
+
+    @abc.abstractmethod
+    def _initial_state(self, ps, st, cell_ps, cell_st, x) -> tuple[Any, Any, Any]:
+        """`(u0, z0, init layers' new state or None)`."""
+
+    @abc.abstractmethod
+    def _output(self, z: PyTree) -> Any:
+        """The model's output for the fixed point `z`."""
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.max_steps
+
+    def init(self, key: PRNGKeyArray, x: Any) -> tuple[PyTree, PyTree]:
+        check_input(x)
+        layers_key, state_key = jax.random.split(key)
+        ps, st = self._init_layers(layers_key, x)
+        st["key"] = state_key
+        st["solution"] = None
+        solution = jax.eval_shape(lambda: self.apply(ps, st, x)[1]["solution"])
+        st["solution"] = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), solution)
+        return ps, st
+
+    def apply(
+        self, ps: PyTree, st: PyTree, x: Any, *, max_steps: int | Array | None = None
+    ) -> tuple[Any, PyTree]:
+        check_input(x)
+        key, probe_key = jax.random.split(st["key"])
+        # Per-forward work of the cell's layers (weight/spectral normalization) runs
+        # once here, not at every solver iteration; see `AbstractLayer.prepare`.
+        cell_ps, cell_st = self._prepare(self._cell_part(ps), self._cell_part(st))
+        u0, z0, st_init = self._initial_state(ps, st, cell_ps, cell_st, x)
+        check_cell_output(self._cell, cell_ps, cell_st, z0, x, name=self.cell_name)
+        z, new_cell_st, solution = solve_equilibrium(
+            self.config, self._cell, cell_ps, cell_st, x, u0, z0, probe_key, max_steps
+        )
+        new_st = self._with_cell_state(st, new_cell_st)
+        new_st = dict(new_st, key=key, solution=solution)
+        if st_init is not None:
+            new_st["init"] = st_init
+        return self._output(z), new_st
