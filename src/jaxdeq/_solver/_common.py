@@ -6,6 +6,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
@@ -54,6 +55,28 @@ def scaled_residual_size(
         )
         return norm(ratio)
     return safe_ratio(norm(residual), atol + rtol * norm(reference))
+
+
+def ravel(tree: PyTree[Array]) -> tuple[Array, Callable[[Array], PyTree[Array]]]:
+    """`jax.flatten_util.ravel_pytree`, with leaves of mixed floating dtypes cast
+    explicitly to the widest (which `ravel_pytree` leaves to implicit promotion, an
+    error under strict dtype promotion); `unravel` casts each leaf back."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    if not leaves or all(d == dtypes[0] for d in dtypes):
+        return jax.flatten_util.ravel_pytree(tree)
+    dtype = max(dtypes, key=lambda d: jnp.dtype(d).itemsize)
+    flat, unravel_same = jax.flatten_util.ravel_pytree(
+        jtu.tree_unflatten(treedef, [leaf.astype(dtype) for leaf in leaves])
+    )
+
+    def unravel(flat: Array) -> PyTree[Array]:
+        same = jtu.tree_leaves(unravel_same(flat))
+        return jtu.tree_unflatten(
+            treedef, [leaf.astype(d) for leaf, d in zip(same, dtypes, strict=True)]
+        )
+
+    return flat, unravel
 
 
 def check_common_options(

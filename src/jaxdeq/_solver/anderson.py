@@ -3,7 +3,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
@@ -16,6 +15,7 @@ from ._common import (
     Termination,
     Y,
     check_common_options,
+    ravel,
     scaled_residual_size,
 )
 
@@ -160,7 +160,7 @@ class Anderson(optx.AbstractFixedPointSolver[Y, Aux, _AndersonState]):
         tags: frozenset[object],
     ) -> _AndersonState:
         del fn, args, options, f_struct, tags
-        y_flat, _ = jfu.ravel_pytree(y)
+        y_flat, _ = ravel(y)
         dtype = y_flat.dtype
         return _AndersonState(
             history_y=jnp.zeros((self.memory, y_flat.size), dtype),
@@ -189,8 +189,8 @@ class Anderson(optx.AbstractFixedPointSolver[Y, Aux, _AndersonState]):
         progress = state.progress.record(y, aux, error, residual_norm)
         finite = tree_all_finite(residual)
 
-        y_flat, unravel = jfu.ravel_pytree(y)
-        residual_flat, _ = jfu.ravel_pytree(residual)
+        y_flat, unravel = ravel(y)
+        residual_flat, _ = ravel(residual)
         slot = state.progress.num_steps % self.memory
         history_y = state.history_y.at[slot].set(y_flat)
         history_residual = state.history_residual.at[slot].set(residual_flat)

@@ -3,7 +3,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
@@ -16,6 +15,7 @@ from ._common import (
     Termination,
     Y,
     check_common_options,
+    ravel,
     scaled_residual_size,
 )
 
@@ -162,8 +162,13 @@ class Broyden(optx.AbstractRootFinder[Y, Y, Aux, _BroydenState]):
                 "`Broyden` needs `fn(y, args)` to return a pytree with the same "
                 f"structure and shapes as `y`; got {f_struct} for `y` of {y_struct}."
             )
-        y_flat, _ = jfu.ravel_pytree(y)
-        dtype = jnp.result_type(y_flat, *jtu.tree_leaves(f_struct))
+        y_flat, _ = ravel(y)
+        # The widest of the state's and the function's dtypes, chosen explicitly
+        # (strict dtype promotion has no implicit float32 x float64 rule).
+        dtype = max(
+            [y_flat.dtype, *(s.dtype for s in jtu.tree_leaves(f_struct))],
+            key=lambda d: jnp.dtype(d).itemsize,
+        )
         zeros = jnp.zeros(y_flat.size, dtype)
         return _BroydenState(
             u=jnp.zeros((self.memory, y_flat.size), dtype),
@@ -196,10 +201,10 @@ class Broyden(optx.AbstractRootFinder[Y, Y, Aux, _BroydenState]):
         finite = tree_all_finite(residual)
 
         dtype = state.y_base.dtype
-        y_flat, unravel = jfu.ravel_pytree(y)
+        y_flat, unravel = ravel(y)
         y_dtype = y_flat.dtype
         y_flat = y_flat.astype(dtype)
-        residual_flat = jfu.ravel_pytree(residual)[0].astype(dtype)
+        residual_flat = ravel(residual)[0].astype(dtype)
         first = state.progress.num_steps == 0
 
         # Broyden's secant update of H, relative to the last accepted point. When all

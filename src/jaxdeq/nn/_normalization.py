@@ -104,7 +104,8 @@ class WeightNorm(AbstractLayer):
         direction = _kernel(ps["layer"], self.weight_name, "WeightNorm")
         axes = tuple(range(direction.ndim - 1))
         norm = jnp.sqrt(jnp.sum(jnp.square(direction), axis=axes))
-        kernel = direction * (ps["scale"] / norm)
+        factor = ps["scale"] / norm  # (out,): broadcast over the kernel's last axis
+        kernel = direction * jnp.reshape(factor, (1,) * (direction.ndim - 1) + (-1,))
         return dict(ps["layer"], **{self.weight_name: kernel})
 
     def init(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
