@@ -32,7 +32,7 @@ from ._misc import (
     tree_sub,
     tree_where,
 )
-from ._solution import RESULTS
+from ._solution import RESULTS, first_outcome
 
 Cell = Callable[[PyTree[Array], PyTree], PyTree[Array]]
 # loop(cond_fun, body_fun, init_val, *, max_steps): given by the gradient mode.
@@ -203,19 +203,14 @@ class OptimistixBackend(AbstractBackend):
             fn, c.y, (c.best_z, c.best_sq), args, options, state, tags, c.result
         )
         z = tree_where(converged, y, c.best_z)
-        code = jnp.where(
-            converged,
-            RESULTS.successful,
-            jnp.where(
-                ran_out,
-                RESULTS.max_steps_reached,
-                jnp.where(
-                    c.result == optx.RESULTS.nonfinite,
-                    RESULTS.nonfinite,
-                    RESULTS.diverged,
-                ),
-            ),
-        ).astype(jnp.int32)
+        code = first_outcome(
+            [
+                (converged, RESULTS.successful),
+                (ran_out, RESULTS.max_steps_reached),
+                (c.result == optx.RESULTS.nonfinite, RESULTS.nonfinite),
+            ],
+            RESULTS.diverged,
+        )
         result = optx.RESULTS.where(
             ran_out, optx.RESULTS.nonlinear_max_steps_reached, c.result
         )
@@ -240,19 +235,17 @@ def _diffrax_outcome(sol: diffrax.Solution, z0: PyTree[Array], reached) -> Forwa
     # (diffrax promotes the state to its time dtype, float64 under x64)
     z = jtu.tree_map(lambda leaf, ref: leaf[0].astype(ref.dtype), sol.ys, z0)
     finite = tree_all_finite(z)
-    code = jnp.where(
-        ~finite,
-        RESULTS.nonfinite,
-        jnp.where(
-            reached,
-            RESULTS.successful,
-            jnp.where(
+    code = first_outcome(
+        [
+            (~finite, RESULTS.nonfinite),
+            (reached, RESULTS.successful),
+            (
                 sol.result == diffrax.RESULTS.max_steps_reached,
                 RESULTS.max_steps_reached,
-                RESULTS.diverged,
             ),
-        ),
-    ).astype(jnp.int32)
+        ],
+        RESULTS.diverged,
+    )
     z = tree_where(finite, z, z0)
     return Forward(z, sol.stats["num_steps"].astype(jnp.int32), code, None, sol)
 
@@ -302,6 +295,22 @@ class DiffraxBackend(AbstractBackend):
             "dt0": None if dt0 is None else jnp.asarray(dt0, dtype),
         }
 
+    def _diffeqsolve(self, f, z0, args, t1, max_steps, event=None):
+        """`dz/dt = f(z, args) - z` from `z(0) = z0` to `t1` (or the event), saving
+        the last state; failures are reported in the solution, not raised."""
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, z, a: tree_sub(f(z, a), z)),
+            self.solver,
+            **self._times(z0, t1),
+            y0=z0,
+            args=args,
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=self._controller(),
+            event=event,
+            max_steps=max_steps,
+            throw=False,
+        )
+
     def solve(
         self, f, z0, args, budget, loop, *, max_steps, batched, trace, samples
     ) -> Forward:
@@ -313,36 +322,14 @@ class DiffraxBackend(AbstractBackend):
                     "(diffrax's step cap is static); got a traced array"
                 )
             max_steps = min(budget, max_steps)
-        term = diffrax.ODETerm(lambda t, z, a: tree_sub(f(z, a), z))
-        sol = diffrax.diffeqsolve(
-            term,
-            self.solver,
-            **self._times(z0, jnp.inf),
-            y0=z0,
-            args=args,
-            saveat=diffrax.SaveAt(t1=True),
-            stepsize_controller=self._controller(),
-            event=diffrax.Event(diffrax.steady_state_event(self.rtol, self.atol)),
-            max_steps=max_steps,
-            throw=False,
-        )
+        event = diffrax.Event(diffrax.steady_state_event(self.rtol, self.atol))
+        sol = self._diffeqsolve(f, z0, args, jnp.inf, max_steps, event=event)
         return _diffrax_outcome(sol, z0, diffrax.is_event(sol.result))
 
     def integrate(self, f: Cell, z0: PyTree[Array], args: PyTree, *, max_steps: int):
         """The neural ODE: `z(1)` of `dz/dt = f(z, x) - z`, `z(0) = z0`,
         differentiated by diffrax's own adjoint."""
-        term = diffrax.ODETerm(lambda t, z, a: tree_sub(f(z, a), z))
-        sol = diffrax.diffeqsolve(
-            term,
-            self.solver,
-            **self._times(z0, 1.0),
-            y0=z0,
-            args=args,
-            saveat=diffrax.SaveAt(t1=True),
-            stepsize_controller=self._controller(),
-            max_steps=max_steps,
-            throw=False,
-        )
+        sol = self._diffeqsolve(f, z0, args, 1.0, max_steps)
         out = _diffrax_outcome(sol, z0, diffrax.is_successful(sol.result))
         return out.z, out
 

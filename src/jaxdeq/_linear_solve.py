@@ -26,7 +26,7 @@ import lineax as lx
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._misc import accumulation_dtype
-from ._solution import RESULTS
+from ._solution import RESULTS, first_outcome
 
 Vector = Float[Array, " n"]
 MatVec = Callable[[Vector], Vector]
@@ -287,15 +287,14 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
     residual_norm = _norm(residual)
     finite = jnp.isfinite(residual_norm) & jnp.all(jnp.isfinite(u))
     converged = residual_norm <= tol
-    result = jnp.where(
-        ~finite,
-        RESULTS.nonfinite,
-        jnp.where(
-            solver_failed,
-            RESULTS.diverged,
-            jnp.where(converged, RESULTS.successful, RESULTS.max_steps_reached),
-        ),
-    ).astype(jnp.int32)
+    result = first_outcome(
+        [
+            (~finite, RESULTS.nonfinite),
+            (solver_failed, RESULTS.diverged),
+            (converged, RESULTS.successful),
+        ],
+        RESULTS.max_steps_reached,
+    )
     if settings.callback is not None:
         stats = BackwardStatistics(
             steps=steps,

@@ -4,6 +4,7 @@ import enum
 from typing import Any
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
 
@@ -49,6 +50,15 @@ _MESSAGES = {
         "is returned"
     ),
 }
+
+
+def first_outcome(cases, default: RESULTS) -> Int[Array, "..."]:
+    """The code of the first `(predicate, code)` pair whose predicate holds
+    (elementwise), else `default`, as `int32`."""
+    code = jnp.asarray(default, jnp.int32)
+    for predicate, value in reversed(cases):
+        code = jnp.where(predicate, jnp.int32(value), code)
+    return code
 
 
 class DeepEquilibriumSolution(eqx.Module):
