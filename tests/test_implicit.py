@@ -161,6 +161,11 @@ def test_linear_cell_jacobian_and_hessian(joint):
     assert max_rel_error(jax.jacfwd(z_of)(X_ISSUE), a) < 1e-9
     assert max_rel_error(jax.jacrev(z_of)(X_ISSUE), a) < 1e-9
     assert max_rel_error(jax.hessian(loss)(X_ISSUE), hessian) < 1e-9
+    # vmap of forward- and reverse-mode Jacobians: one per input, each (I - W)^-1.
+    xs = jnp.stack([X_ISSUE, -2 * X_ISSUE])
+    for jacobian in (jax.jacfwd, jax.jacrev):
+        batched = jax.vmap(jacobian(z_of))(xs)
+        assert max_rel_error(batched, np.stack([a, a])) < 1e-9
 
 
 def test_non_contractive_cell_is_exact_or_raises():
