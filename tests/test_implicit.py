@@ -19,6 +19,7 @@ from helpers import central_difference_grad, dense_fixed_point, max_rel_error
 from jaxdeq import nn
 
 TANH = nn.WrappedFunction(jnp.tanh)
+ONE_STEP = jaxdeq.OneStepGradient()
 
 
 def _dense(a, b, scale=0.4, **kw):
@@ -184,7 +185,7 @@ def test_non_contractive_cell_is_exact_or_raises():
         return jax.grad(lambda x: jnp.sum(jnp.sin(model.apply(ps, st, x)[0])))(x)
 
     assert max_rel_error(gradient(jaxdeq.ImplicitAdjoint()), exact) < 1e-12
-    with pytest.raises(Exception, match="did not reach its tolerance"):
+    with pytest.raises(Exception, match="diverged"):
         gradient(jaxdeq.ImplicitAdjoint("fixed_point", throw=True))
 
 
@@ -247,15 +248,27 @@ def test_lineax_solver_outcome_is_checked():
     assert np.all(relative[result == jaxdeq.RESULTS.successful] < 1e-5)
 
 
+def test_lineax_solver_keeps_its_own_tolerance():
+    """A lineax solver stops on its own tolerances and is judged by its own
+    result, not by jaxdeq's default `rtol`."""
+    model_with, ps, st, x = _tanh_problem()
+    reports = []
+    solver = lx.GMRES(rtol=1e-3, atol=1e-3, restart=2)
+    adjoint = jaxdeq.ImplicitAdjoint(solver, throw=True, callback=reports.append)
+    jax.grad(_loss_fn(model_with(adjoint), st, x))(ps)
+    assert all(int(r.result) == jaxdeq.RESULTS.successful for r in reports)
+
+
 def test_loss_scale_does_not_change_backward_accuracy():
     model_with, ps, st, x = _tanh_problem()
-    reports = {1.0: [], 1e-6: []}
+    reports = {1.0: [], 1e-6: [], 1e-300: []}
     grads = {}
     for scale, sink in reports.items():
         model = model_with(jaxdeq.ImplicitAdjoint(callback=sink.append))
         grads[scale] = jax.grad(_loss_fn(model, st, x, scale))(ps)
-    unscaled = jtu.tree_map(lambda g: g / 1e-6, grads[1e-6])
-    assert max_rel_error(unscaled, grads[1.0]) < 1e-9
+    for scale in (1e-6, 1e-300):  # 1e-300: its squared norm underflows
+        unscaled = jtu.tree_map(lambda g, s=scale: g / s, grads[scale])
+        assert max_rel_error(unscaled, grads[1.0]) < 1e-9
     small, large = (_stacked(reports[scale]) for scale in (1e-6, 1.0))
     assert np.array_equal(small.steps, large.steps)
     assert np.all(small.relative_residual_norm < 1e-10)
@@ -285,6 +298,14 @@ def test_closed_over_traced_scalar_gets_its_gradient():
     assert abs(jax.grad(loss)(1.2) - reference) < 1e-8 * abs(reference)
     unrolled = jax.grad(lambda a: jnp.sum(jnp.sin(z_of(a, jaxdeq.UnrolledAdjoint()))))
     assert abs(unrolled(1.2) - reference) < 1e-8 * abs(reference)
+    # The cheap modes too: the forward solve gets no derivative of `a`, in forward
+    # or reverse mode; phantom steps carry it (60 undamped steps: near exact).
+    for adjoint, tol in ((jaxdeq.PhantomGradient(60, 1.0), 1e-8), (ONE_STEP, 1)):
+        cheap = lambda a, adjoint=adjoint: jnp.sum(jnp.sin(z_of(a, adjoint)))
+        reverse = jax.grad(cheap)(1.2)
+        forward = jax.jvp(cheap, (1.2,), (1.0,))[1]
+        assert abs(reverse - forward) < 1e-12 * abs(reverse)
+        assert abs(reverse - reference) < tol * abs(reference)
 
 
 def test_backward_failure_raises_or_is_reported():
@@ -320,3 +341,12 @@ def test_bad_implicit_adjoint_configuration():
         jaxdeq.ImplicitAdjoint(atol="1e-6")
     with pytest.raises(TypeError, match="callback"):
         jaxdeq.ImplicitAdjoint(callback=3)
+    with pytest.raises(ValueError, match="rtol"):
+        jaxdeq.ImplicitAdjoint(rtol=1.0)  # would accept u = 0
+    with pytest.raises(ValueError, match="atol"):
+        jaxdeq.ImplicitAdjoint(atol=float("inf"))
+    with pytest.raises(TypeError, match="steps"):
+        jaxdeq.PhantomGradient(steps=True)
+    with pytest.raises(TypeError, match="damping"):
+        jaxdeq.PhantomGradient(damping="0.5")
+    jaxdeq.ImplicitAdjoint(rtol=np.float32(1e-6), max_steps=np.int64(5))

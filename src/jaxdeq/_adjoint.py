@@ -21,6 +21,7 @@ that is never differentiated, or, for `UnrolledAdjoint`, a scan that is.
 
 import abc
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -75,8 +76,11 @@ class AbstractAdjoint(eqx.Module):
 
 
 def _no_grad_forward(adjoint, forward, f, z0, args, budget):
-    z0, args = jax.lax.stop_gradient((z0, args))
-    return forward(f, z0, args, budget, adjoint.loop)
+    """The forward solve with no derivative at all: of its inputs, and of values
+    the cell closes over (hoisted out by `jax.closure_convert` and stopped too)."""
+    f_closed, consts = jax.closure_convert(lambda z, a: f(z, a), z0, args)
+    z0, args, consts = jax.lax.stop_gradient((z0, args, consts))
+    return forward(lambda z, a: f_closed(z, a, *consts), z0, args, budget, adjoint.loop)
 
 
 def _value_preserving(z_star, z_graded):
@@ -84,6 +88,18 @@ def _value_preserving(z_star, z_graded):
     return jtu.tree_map(
         lambda a, b: a + (b - jax.lax.stop_gradient(b)), z_star, z_graded
     )
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+def _check_real(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {value!r}")
 
 
 def _is_symbolic_zero(tangent) -> bool:
@@ -138,8 +154,9 @@ class ImplicitAdjoint(AbstractAdjoint):
         only (torchdeq's backward: the cheapest step, converges only if the
         spectral radius of `J` is below 1; stops when it diverges); or any lineax
         solver, e.g.
-        `lineax.BiCGStab(rtol=1e-8, atol=1e-8)` (which then uses its own
-        tolerances; its result is checked like the others').
+        `lineax.BiCGStab(rtol=1e-8, atol=1e-8)`, which then stops on its own
+        tolerances and is judged by its own result code (and by the finiteness of
+        its answer); `rtol`, `atol`, `max_steps` and `restart` do not apply to it.
     - `rtol`, `atol`: each solve stops once `||b - (I - J) u||_2 <= max(atol,
         rtol ||b||_2)`, relative to its own right-hand side `b` (so scaling the
         loss does not change the accuracy). `rtol=None` (default) is
@@ -149,9 +166,13 @@ class ImplicitAdjoint(AbstractAdjoint):
     - `max_steps`: the most products with `J` per solve (default 100).
     - `restart`: the Krylov dimension of GMRES before it restarts (memory:
         `restart + 1` vectors the size of one sample's state).
-    - `throw`: if `True`, a solve that fails (runs out of steps, reports a failure,
-        or produces NaN/infinity) raises at run time, under `jit` too, with an error
-        naming the backward solve (`jax.errors.JaxRuntimeError` under `jit`). With
+    - `throw`: if `True`, a solve that fails (runs out of steps, diverges, reports
+        a failure, or produces NaN/infinity) raises at run time, under `jit` too,
+        with an error naming the backward solve (a `jax.errors.JaxRuntimeError`
+        carrying the message). It checks the *linear* solve only: the derivative is
+        taken at the state the forward solve returned, so read the forward outcome
+        in `solution.result` (a forward solve that ran out of steps gives the exact
+        derivative of the map at that state, not of the true fixed point). With
         `False` (default, optimistix's and the models' convention for outcomes that
         are not errors of the program) the gradient is returned as it is; read the
         outcome with `callback`. `throw=True` adds a host callback guarded by a
@@ -160,7 +181,9 @@ class ImplicitAdjoint(AbstractAdjoint):
         [`jaxdeq.BackwardStatistics`][] of every solve (products used, final residual
         and its ratio to `||b||`, a [`jaxdeq.RESULTS`][] code), through
         `jax.debug.callback`: torchdeq's backward hook. Per-sample solves (the
-        default) call it once per sample.
+        default) call it once per sample (once in all when the right-hand side does
+        not depend on the sample, e.g. a tangent w.r.t. a shared parameter under
+        `jacfwd`).
 
     The statistics of the *forward* solve are in the model's
     [`jaxdeq.DeepEquilibriumSolution`][]. In per-sample mode (the default) each
@@ -211,17 +234,14 @@ class ImplicitAdjoint(AbstractAdjoint):
                 f"{type(self.linear_solver).__name__}"
             )
         for name in ("max_steps", "restart"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if value is None and name == "rtol":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name}: expected a float >= 0, got {value!r}")
-            if not value >= 0:
-                raise ValueError(f"{name}: expected a float >= 0, got {value!r}")
+            _check_int(name, getattr(self, name), 1)
+        if self.rtol is not None:
+            _check_real("rtol", self.rtol)
+            if not 0 <= self.rtol < 1:
+                raise ValueError(f"rtol: expected 0 <= rtol < 1, got {self.rtol!r}")
+        _check_real("atol", self.atol)
+        if not 0 <= self.atol < float("inf"):
+            raise ValueError(f"atol: expected a finite float >= 0, got {self.atol!r}")
         if not isinstance(self.throw, bool):
             raise TypeError(f"throw: expected a bool, got {self.throw!r}")
         if self.callback is not None and not callable(self.callback):
@@ -335,8 +355,8 @@ class PhantomGradient(AbstractAdjoint):
     damping: float = 0.5
 
     def __check_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps: expected an int >= 1, got {self.steps!r}")
+        _check_int("steps", self.steps, 1)
+        _check_real("damping", self.damping)
         if not 0 < self.damping <= 1:
             raise ValueError(f"damping: expected a value in (0, 1], got {self.damping}")
 

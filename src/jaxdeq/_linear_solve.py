@@ -23,7 +23,7 @@ import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._misc import accumulation_dtype
 from ._solution import RESULTS, first_outcome
@@ -163,13 +163,13 @@ def fixed_point_iteration(
     *,
     max_steps: int,
     switch_ratio: float | None,
-) -> tuple[Vector, Vector, Int[Array, ""]]:
+) -> tuple[Vector, Vector, Int[Array, ""], Bool[Array, ""]]:
     """The Richardson iteration `x <- x + (b - A x)` (for `A = I - J`: `x <- b + J x`)
     from `x = 0`. Stops once `||b - A x|| <= tol`, after `max_steps` products, when
     the residual grows beyond `1e4` times its smallest value (divergence), or, with
     `switch_ratio`, as soon as one step shrinks the residual by less than that factor
     (too slow a contraction: time to switch to GMRES). Returns
-    `(x, b - A x, products)`."""
+    `(x, b - A x, products, diverged)`."""
 
     def cond(carry):
         _, _, norm, previous, smallest, steps = carry
@@ -190,8 +190,8 @@ def fixed_point_iteration(
 
     beta = _norm(b)
     init = (jnp.zeros_like(b), b, beta, beta, beta, jnp.array(0, jnp.int32))
-    x, residual, *_, steps = jax.lax.while_loop(cond, body, init)
-    return x, residual, steps
+    x, residual, norm, _, smallest, steps = jax.lax.while_loop(cond, body, init)
+    return x, residual, steps, ~(norm <= 1e4 * smallest)
 
 
 # Classical Gram-Schmidt twice (CGS2): orthogonal to working precision. (Once is
@@ -217,14 +217,14 @@ class LinearSolveSettings(eqx.Module):
     throw: bool
     callback: Callable[[BackwardStatistics], None] | None
 
-    def tolerance(self, dtype, b_norm: Array) -> Array:
-        """The stopping tolerance on `||b - A u||_2`: `max(atol, rtol ||b||_2)`, with
-        `rtol = eps ** (2/3)` of the dtype by default (float64 3.7e-11, float32
-        2.4e-5)."""
+    def tolerance(self, dtype, b_norm: Array, scale: Array) -> Array:
+        """The stopping tolerance on `||b - A u||_2` for `b` divided by `scale`:
+        `max(atol / scale, rtol ||b||_2)`, with `rtol = eps ** (2/3)` of the dtype by
+        default (float64 3.7e-11, float32 2.4e-5)."""
         rtol = self.rtol
         if rtol is None:
             rtol = float(jnp.finfo(dtype).eps) ** (2 / 3)
-        return jnp.maximum(jnp.asarray(self.atol, dtype), rtol * b_norm)
+        return jnp.maximum(jnp.asarray(self.atol, dtype) / scale, rtol * b_norm)
 
 
 _FAILURE = (
@@ -250,20 +250,27 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
         out, _ = jfu.ravel_pytree(matvec(unravel(v.astype(b_flat.dtype))))
         return out.astype(dtype)
 
-    b32 = b_flat.astype(dtype)
+    # The solve runs on b / max|b| (the problem is linear): a right-hand side of
+    # 1e-20 in float32 would otherwise underflow in its own norm, and stop at once.
+    b_raw = b_flat.astype(dtype)
+    scale = jnp.max(jnp.abs(b_raw), initial=0)
+    scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1)
+    b32 = b_raw / scale
     b_norm = _norm(b32)
-    tol = settings.tolerance(dtype, b_norm)
+    tol = settings.tolerance(dtype, b_norm, scale)
     solver_failed = jnp.array(False)
     if settings.method in ("auto", "gmres", "fixed_point"):
         u, residual, steps = jnp.zeros_like(b32), b32, jnp.array(0, jnp.int32)
         if settings.method != "gmres":
-            u, residual, steps = fixed_point_iteration(
+            u, residual, steps, diverged = fixed_point_iteration(
                 flat_matvec,
                 b32,
                 tol,
                 max_steps=settings.max_steps,
                 switch_ratio=SWITCH_RATIO if settings.method == "auto" else None,
             )
+            if settings.method == "fixed_point":
+                solver_failed = diverged
         if settings.method != "fixed_point":
             u, residual, steps = gmres(
                 flat_matvec,
@@ -281,10 +288,12 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
         solution = lx.linear_solve(operator, b32, settings.method, throw=False)
         u = solution.value
         steps = jnp.asarray(solution.stats.get("num_steps", 0), jnp.int32)
+        # Judged by its own result code (it stops on its own tolerances).
         solver_failed = solution.result != lx.RESULTS.successful
-        residual = b32 - flat_matvec(u)  # checked: one more product
+        residual = b32 - flat_matvec(u)  # for the statistics: one more product
         steps = steps + 1
-    residual_norm = _norm(residual)
+        tol = jnp.asarray(jnp.inf, dtype)
+    residual_norm = _norm(residual)  # in units of the scaled problem
     finite = jnp.isfinite(residual_norm) & jnp.all(jnp.isfinite(u))
     converged = residual_norm <= tol
     result = first_outcome(
@@ -298,7 +307,7 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
     if settings.callback is not None:
         stats = BackwardStatistics(
             steps=steps,
-            residual_norm=residual_norm,
+            residual_norm=residual_norm * scale,
             relative_residual_norm=jnp.where(
                 b_norm > 0, residual_norm / jnp.where(b_norm > 0, b_norm, 1), 0
             ),
@@ -314,4 +323,4 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
             index,
             [_FAILURE.format(_FAILURES[code]) for code in codes],
         )
-    return unravel(u.astype(b_flat.dtype))
+    return unravel((u * scale).astype(b_flat.dtype))
