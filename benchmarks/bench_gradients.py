@@ -51,7 +51,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "gradients.md"
 MAX_STEPS = 30
 MEMORY_BUDGETS = (10, 30, 100)
 MODES: dict[str, jaxdeq.AbstractAdjoint] = {
-    "implicit (GMRES, default)": jaxdeq.ImplicitAdjoint(throw=False),
+    "implicit (auto, default)": jaxdeq.ImplicitAdjoint(),
     "implicit (fixed point, 30)": jaxdeq.ImplicitAdjoint(
         "fixed_point", rtol=1e-6, max_steps=30, throw=False
     ),
