@@ -33,7 +33,7 @@ import lineax as lx
 from jaxtyping import Array, PyTree
 
 from ._conv_canon import canonicalize_convolutions
-from ._linear_solve import BackwardStatistics, LinearSolveSettings, solve_linear
+from ._linear_solve import BackwardStatistics, solve_linear
 from ._misc import tree_sub, tree_where, zero_cotangent
 
 Cell = Callable[[PyTree[Array], PyTree], PyTree[Array]]
@@ -75,12 +75,25 @@ class AbstractAdjoint(eqx.Module):
         outcome)` with this mode's derivative attached to `z*`."""
 
 
+def _closure_converted(f: Cell, z0: PyTree, args: PyTree) -> tuple[Cell, list]:
+    """`(cell, consts)` with `cell(z, (args, consts)) == f(z, args)`: the traced
+    values `f` closes over (e.g. a scalar inside a WrappedFunction) hoisted out by
+    `jax.closure_convert`, so that a caller can differentiate or stop them."""
+    f_closed, consts = jax.closure_convert(lambda z, a: f(z, a), z0, args)
+
+    def cell(z, params):
+        cell_args, cell_consts = params
+        return f_closed(z, cell_args, *cell_consts)
+
+    return cell, consts
+
+
 def _no_grad_forward(adjoint, forward, f, z0, args, budget):
     """The forward solve with no derivative at all: of its inputs, and of values
-    the cell closes over (hoisted out by `jax.closure_convert` and stopped too)."""
-    f_closed, consts = jax.closure_convert(lambda z, a: f(z, a), z0, args)
-    z0, args, consts = jax.lax.stop_gradient((z0, args, consts))
-    return forward(lambda z, a: f_closed(z, a, *consts), z0, args, budget, adjoint.loop)
+    the cell closes over."""
+    cell, consts = _closure_converted(f, z0, args)
+    z0, params = jax.lax.stop_gradient((z0, (args, consts)))
+    return forward(cell, z0, params, budget, adjoint.loop)
 
 
 def _value_preserving(z_star, z_graded):
@@ -252,27 +265,10 @@ class ImplicitAdjoint(AbstractAdjoint):
     def loop(self, cond_fun, body_fun, init_val, *, max_steps):
         return while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)
 
-    def _settings(self) -> LinearSolveSettings:
-        return LinearSolveSettings(
-            self.linear_solver,
-            self.rtol,
-            self.atol,
-            self.max_steps,
-            self.restart,
-            self.throw,
-            self.callback,
-        )
-
     def apply(self, forward, f, z0, args, budget):
         # Values the cell closes over (e.g. a traced scalar inside a WrappedFunction)
         # become explicit inputs, so that their tangents reach the JVP rule.
-        f_closed, consts = jax.closure_convert(lambda z, a: f(z, a), z0, args)
-
-        def cell(z, params):
-            cell_args, cell_consts = params
-            return f_closed(z, cell_args, *cell_consts)
-
-        settings = self._settings()
+        cell, consts = _closure_converted(f, z0, args)
         static_parts = []
 
         @jax.custom_jvp
@@ -295,11 +291,11 @@ class ImplicitAdjoint(AbstractAdjoint):
                 z_dot = jax.lax.custom_linear_solve(
                     lambda v: tree_sub(v, jvp_z(v)),
                     rhs,
-                    functools.partial(solve_linear, settings),
+                    functools.partial(solve_linear, self),
                     # Reverse mode: XLA:CPU runs convolution VJPs inside loops far
                     # faster in canonical layout (see _conv_canon.py).
                     lambda vecmat, b: solve_linear(
-                        settings, canonicalize_convolutions(vecmat), b
+                        self, canonicalize_convolutions(vecmat), b
                     ),
                 )
             out_dot = zero_cotangent(out)  # (a zero tangent: same structure)
@@ -308,8 +304,7 @@ class ImplicitAdjoint(AbstractAdjoint):
         fixed_point.defjvp(fixed_point_jvp, symbolic_zeros=True)
 
         dynamic = fixed_point(z0, (args, consts), budget)
-        out = eqx.combine(jax.lax.stop_gradient(dynamic), static_parts[0])
-        return dynamic.z, eqx.tree_at(lambda o: o.z, out, jax.lax.stop_gradient(out.z))
+        return dynamic.z, eqx.combine(jax.lax.stop_gradient(dynamic), static_parts[0])
 
 
 class UnrolledAdjoint(AbstractAdjoint):

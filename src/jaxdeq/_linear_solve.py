@@ -17,6 +17,7 @@ contracts fast and continues with the second from where it got to.
 """
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -27,6 +28,9 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._misc import accumulation_dtype
 from ._solution import RESULTS, first_outcome
+
+if TYPE_CHECKING:
+    from ._adjoint import ImplicitAdjoint
 
 Vector = Float[Array, " n"]
 MatVec = Callable[[Vector], Vector]
@@ -206,25 +210,14 @@ REORTHOGONALIZE = True
 SWITCH_RATIO = 0.7
 
 
-class LinearSolveSettings(eqx.Module):
-    """How `solve_linear` solves: validated by `jaxdeq.ImplicitAdjoint`."""
-
-    method: str | lx.AbstractLinearSolver
-    rtol: float | None
-    atol: float
-    max_steps: int
-    restart: int
-    throw: bool
-    callback: Callable[[BackwardStatistics], None] | None
-
-    def tolerance(self, dtype, b_norm: Array, scale: Array) -> Array:
-        """The stopping tolerance on `||b - A u||_2` for `b` divided by `scale`:
-        `max(atol / scale, rtol ||b||_2)`, with `rtol = eps ** (2/3)` of the dtype by
-        default (float64 3.7e-11, float32 2.4e-5)."""
-        rtol = self.rtol
-        if rtol is None:
-            rtol = float(jnp.finfo(dtype).eps) ** (2 / 3)
-        return jnp.maximum(jnp.asarray(self.atol, dtype) / scale, rtol * b_norm)
+def _tolerance(adjoint: "ImplicitAdjoint", dtype, b_norm: Array, scale: Array) -> Array:
+    """The stopping tolerance on `||b - A u||_2` for `b` divided by `scale`:
+    `max(atol / scale, rtol ||b||_2)`, with `rtol = eps ** (2/3)` of the dtype by
+    default (float64 3.7e-11, float32 2.4e-5)."""
+    rtol = adjoint.rtol
+    if rtol is None:
+        rtol = float(jnp.finfo(dtype).eps) ** (2 / 3)
+    return jnp.maximum(jnp.asarray(adjoint.atol, dtype) / scale, rtol * b_norm)
 
 
 _FAILURE = (
@@ -241,8 +234,10 @@ _FAILURES = {
 }
 
 
-def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> PyTree:
-    """Solve `matvec(u) = b` for `u` as `settings` say, check and report the outcome."""
+def solve_linear(settings: "ImplicitAdjoint", matvec: Callable, b: PyTree) -> PyTree:
+    """Solve `matvec(u) = b` for `u` with the settings of an `ImplicitAdjoint`
+    (`linear_solver`, tolerances, `max_steps`, `restart`), check and report the
+    outcome (`throw`, `callback`)."""
     b_flat, unravel = jfu.ravel_pytree(b)
     dtype = accumulation_dtype(b_flat.dtype)  # solve half precision in float32
 
@@ -257,21 +252,21 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
     scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1)
     b32 = b_raw / scale
     b_norm = _norm(b32)
-    tol = settings.tolerance(dtype, b_norm, scale)
+    tol = _tolerance(settings, dtype, b_norm, scale)
     solver_failed = jnp.array(False)
-    if settings.method in ("auto", "gmres", "fixed_point"):
+    if settings.linear_solver in ("auto", "gmres", "fixed_point"):
         u, residual, steps = jnp.zeros_like(b32), b32, jnp.array(0, jnp.int32)
-        if settings.method != "gmres":
+        if settings.linear_solver != "gmres":
             u, residual, steps, diverged = fixed_point_iteration(
                 flat_matvec,
                 b32,
                 tol,
                 max_steps=settings.max_steps,
-                switch_ratio=SWITCH_RATIO if settings.method == "auto" else None,
+                switch_ratio=SWITCH_RATIO if settings.linear_solver == "auto" else None,
             )
-            if settings.method == "fixed_point":
+            if settings.linear_solver == "fixed_point":
                 solver_failed = diverged
-        if settings.method != "fixed_point":
+        if settings.linear_solver != "fixed_point":
             u, residual, steps = gmres(
                 flat_matvec,
                 b32,
@@ -285,7 +280,7 @@ def solve_linear(settings: LinearSolveSettings, matvec: Callable, b: PyTree) -> 
     else:
         structure = jax.ShapeDtypeStruct(b32.shape, dtype)
         operator = lx.FunctionLinearOperator(flat_matvec, structure)
-        solution = lx.linear_solve(operator, b32, settings.method, throw=False)
+        solution = lx.linear_solve(operator, b32, settings.linear_solver, throw=False)
         u = solution.value
         steps = jnp.asarray(solution.stats.get("num_steps", 0), jnp.int32)
         # Judged by its own result code (it stops on its own tolerances).
