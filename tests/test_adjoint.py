@@ -159,21 +159,25 @@ def test_train_and_eval_budgets_do_not_retrace():
     @jax.jit
     def train_step(ps, st, budget):
         def loss(ps):
-            z, new_st = model.apply(ps, st, X, max_steps=budget)
-            return jnp.sum(z**2), new_st
+            z, new_st, solution = model.apply(
+                ps, st, X, max_steps=budget, return_solution=True
+            )
+            return jnp.sum(z**2), (new_st, solution.nfe)
 
-        (_, new_st), grads = jax.value_and_grad(loss, has_aux=True)(ps)
+        (_, (new_st, nfe)), grads = jax.value_and_grad(loss, has_aux=True)(ps)
         ps = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, ps, grads)
-        return ps, new_st
+        return ps, new_st, nfe
 
     @jax.jit
     def eval_step(ps, st, budget):
-        z, new_st = model.apply(ps, st, X, max_steps=budget)
-        return z, new_st["solution"].nfe
+        z, new_st, new_st_solution = model.apply(
+            ps, st, X, max_steps=budget, return_solution=True
+        )
+        return z, new_st_solution.nfe
 
     for budget in (3, 5):
-        ps, st = train_step(ps, st, jnp.int32(budget))
-        assert int(st["solution"].nfe[0]) == budget
+        ps, st, nfe = train_step(ps, st, jnp.int32(budget))
+        assert int(nfe[0]) == budget
     for budget in (4, 40):
         _, nfe = eval_step(ps, st, jnp.int32(budget))
         assert int(nfe.max()) <= budget

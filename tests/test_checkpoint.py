@@ -43,8 +43,8 @@ def _train_step(model, optimizer):
     @jax.jit
     def step(ps, st, opt_state, x):
         def loss(ps):
-            z, st_ = model.apply(ps, st, x)
-            return jnp.mean(z**2) + st_["solution"].jacobian_loss, st_
+            z, new_st, solution = model.apply(ps, st, x, return_solution=True)
+            return jnp.mean(z**2) + solution.jacobian_loss, new_st
 
         (_, st), grads = jax.value_and_grad(loss, has_aux=True)(ps)
         updates, opt_state = optimizer.update(grads, opt_state, ps)
@@ -72,7 +72,6 @@ def test_round_trip_is_exact_and_training_continues_identically(tmp_path, dtype)
     like = {"ps": fresh_ps, "st": fresh_st, "opt_state": optimizer.init(fresh_ps)}
     restored = jaxdeq.load_checkpoint(tmp_path / "ckpt", like)
     _assert_bit_identical(restored, tree)
-    assert isinstance(restored["st"]["solution"], jaxdeq.DeepEquilibriumSolution)
 
     # The same outputs, the same next training step.
     z, new_st = model.apply(ps, st, x)
@@ -154,14 +153,22 @@ def test_unsupported_leaf_is_a_type_error(tmp_path):
         jaxdeq.save_checkpoint(tmp_path / "ckpt", {"name": "deq"})
 
 
-def test_state_shaped_by_another_batch_is_reported(tmp_path):
+def test_template_of_another_batch_size_restores_and_mismatch_is_reported(tmp_path):
     model = _model()
     x = jax.random.normal(jax.random.key(0), (4, WIDTH))
     ps, st = model.init(jax.random.key(1), x)
-    jaxdeq.save_checkpoint(tmp_path / "ckpt", st)
-    _, like = model.init(jax.random.key(1), x[:1])
-    with pytest.raises(ValueError, match=r"like: the leaf \['solution'\]"):
-        jaxdeq.load_checkpoint(tmp_path / "ckpt", like)
+    _, st = model.apply(ps, st, x)
+    jaxdeq.save_checkpoint(tmp_path / "ckpt", {"ps": ps, "st": st})
+    # `st` holds nothing shaped by the batch: a template from batch 1 restores it.
+    like_ps, like_st = model.init(jax.random.key(2), x[:1])
+    restored = jaxdeq.load_checkpoint(tmp_path / "ckpt", {"ps": like_ps, "st": like_st})
+    _assert_bit_identical(restored, {"ps": ps, "st": st})
+    wide = jaxdeq.DeepEquilibriumNetwork(
+        dense_cell(2 * WIDTH), jaxdeq.Anderson(rtol=1e-6, atol=1e-6)
+    )
+    wide_ps, _ = wide.init(jax.random.key(1), jnp.ones((4, 2 * WIDTH)))
+    with pytest.raises(ValueError, match=r"like: the leaf \['ps'\]"):
+        jaxdeq.load_checkpoint(tmp_path / "ckpt", {"ps": wide_ps, "st": like_st})
 
 
 def test_round_trip_of_nnx_state(tmp_path):

@@ -2,6 +2,8 @@
 matrix, gradients against finite differences and unrolled differentiation,
 transformations, Jacobian regularization, fixed depth and bad input."""
 
+import functools
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -30,10 +32,12 @@ def test_seed_first_example():
     )
     x = jnp.ones((1, 2), jnp.float32)
     ps, st = model.init(jax.random.key(0), x)
-    y, st = jax.jit(model.apply)(ps, st, x)
+    y, st, st_solution = jax.jit(functools.partial(model.apply, return_solution=True))(
+        ps, st, x
+    )
     assert y.shape == (1, 2)
     assert y.dtype == jnp.float32  # diffrax promotes to float64 under x64; we don't
-    sol = st["solution"]
+    sol = st_solution
     assert isinstance(sol, jaxdeq.DeepEquilibriumSolution)
     assert sol.nfe.shape == (1,) and int(sol.nfe[0]) > 0
 
@@ -84,8 +88,8 @@ def test_seed_matrix(solver, jac, variant, cell_kind):
 
     @jax.jit
     def loss(ps):
-        z, st_new = model.apply(ps, st, x)
-        sol = st_new["solution"]
+        z, st_new, st_new_solution = model.apply(ps, st, x, return_solution=True)
+        sol = st_new_solution
         return jnp.mean(z**2) + sol.jacobian_loss + jnp.mean(jnp.abs(z - sol.u0)), sol
 
     (value, sol), grads = jax.value_and_grad(loss, has_aux=True)(ps)
@@ -162,10 +166,10 @@ def test_joint_solve_matches_per_sample(getkey):
     )
     ps, st = per_sample.init(getkey(), x)
     z1, st1 = per_sample.apply(ps, st, x)
-    z2, st2 = joint.apply(ps, st, x)
+    z2, st2, st2_solution = joint.apply(ps, st, x, return_solution=True)
     assert tree_allclose(z1, z2, rtol=1e-10, atol=1e-10)
     # joint: one problem, so every sample reports the same step count
-    assert len(set(np.asarray(st2["solution"].nfe).tolist())) == 1
+    assert len(set(np.asarray(st2_solution.nfe).tolist())) == 1
     g1 = jax.grad(_loss_fn(per_sample, st, x, c))(ps, x)
     g2 = jax.grad(_loss_fn(joint, st, x, c))(ps, x)
     assert max_rel_error(g1, g2) <= 1e-9
@@ -177,10 +181,12 @@ def test_jit_equals_eager_and_vmap_equals_batch(getkey):
         dense_cell(3), optx.FixedPointIteration(rtol=1e-5, atol=1e-5)
     )
     ps, st = model.init(getkey(), x)
-    z_eager, st_eager = model.apply(ps, st, x)
-    z_jit, st_jit = jax.jit(model.apply)(ps, st, x)
+    z_eager, st_eager, st_eager_solution = model.apply(ps, st, x, return_solution=True)
+    z_jit, st_jit, st_jit_solution = jax.jit(
+        functools.partial(model.apply, return_solution=True)
+    )(ps, st, x)
     assert tree_allclose(z_eager, z_jit, rtol=1e-6, atol=1e-6)
-    assert np.array_equal(st_eager["solution"].nfe, st_jit["solution"].nfe)
+    assert np.array_equal(st_eager_solution.nfe, st_jit_solution.nfe)
     z_vmap = jax.vmap(lambda xi: model.apply(ps, st, xi[None])[0][0])(x)
     assert tree_allclose(z_vmap, z_jit, rtol=1e-6, atol=1e-6)
     # st keeps its structure, shapes and dtypes, so a jitted step compiles once
@@ -195,10 +201,12 @@ def test_easy_and_hard_samples_report_different_nfe():
         dense_cell(3, 0.9), optx.FixedPointIteration(rtol=1e-6, atol=1e-6)
     )
     ps, st = model.init(jax.random.key(0), x)
-    _, st = jax.jit(model.apply)(ps, st, x)
-    nfe = np.asarray(st["solution"].nfe)
+    _, st, st_solution = jax.jit(functools.partial(model.apply, return_solution=True))(
+        ps, st, x
+    )
+    nfe = np.asarray(st_solution.nfe)
     assert nfe[0] < nfe[1]
-    assert np.all(st["solution"].result == jaxdeq.RESULTS.successful)
+    assert np.all(st_solution.result == jaxdeq.RESULTS.successful)
 
 
 def test_per_call_budget_does_not_recompile():
@@ -207,12 +215,14 @@ def test_per_call_budget_does_not_recompile():
         dense_cell(3, 0.9), optx.FixedPointIteration(rtol=1e-7, atol=1e-7), max_steps=50
     )
     ps, st = model.init(jax.random.key(0), x)
-    apply = jax.jit(lambda ps, st, x, n: model.apply(ps, st, x, max_steps=n))
-    _, st3 = apply(ps, st, x, jnp.array(3))
-    _, st40 = apply(ps, st, x, jnp.array(40))
-    assert int(st3["solution"].nfe[0]) == 3
-    assert st3["solution"].result[0] == jaxdeq.RESULTS.max_steps_reached
-    assert 3 < int(st40["solution"].nfe[0]) <= 40
+    apply = jax.jit(
+        lambda ps, st, x, n: model.apply(ps, st, x, max_steps=n, return_solution=True)
+    )
+    _, st3, st3_solution = apply(ps, st, x, jnp.array(3))
+    _, st40, st40_solution = apply(ps, st, x, jnp.array(40))
+    assert int(st3_solution.nfe[0]) == 3
+    assert st3_solution.result[0] == jaxdeq.RESULTS.max_steps_reached
+    assert 3 < int(st40_solution.nfe[0]) <= 40
     assert apply._cache_size() == 1
     with pytest.raises(ValueError, match="max_steps"):
         model.apply(ps, st, x, max_steps=51)
@@ -237,16 +247,20 @@ def test_jacobian_regularization_is_unbiased(mode, getkey):
     keys = jax.random.split(getkey(), n)
     estimates = jax.jit(
         jax.vmap(
-            lambda k: model.apply(ps, dict(st, key=k), x)[1]["solution"].jacobian_loss
+            lambda k: (
+                model.apply(ps, dict(st, key=k), x, return_solution=True)[
+                    2
+                ].jacobian_loss
+            )
         )
     )(keys)
     # Var(||Jv||^2) = 2 ||J^T J||_F^2 per probe and sample; 2 samples per estimate
     sigma = float(jnp.sqrt(2 * jnp.sum((w.T @ w) ** 2) / 2) / d)
     assert abs(float(jnp.mean(estimates)) - exact) < 5 * sigma / np.sqrt(n)
     # a fresh probe at every call: st's key advances
-    _, st1 = model.apply(ps, st, x)
-    _, st2 = model.apply(ps, st1, x)
-    assert st1["solution"].jacobian_loss != st2["solution"].jacobian_loss
+    _, st1, st1_solution = model.apply(ps, st, x, return_solution=True)
+    _, st2, st2_solution = model.apply(ps, st1, x, return_solution=True)
+    assert st1_solution.jacobian_loss != st2_solution.jacobian_loss
 
 
 def test_fixed_depth_applies_the_cell_depth_times(getkey):
@@ -254,12 +268,12 @@ def test_fixed_depth_applies_the_cell_depth_times(getkey):
     cell = dense_cell(3)
     model = jaxdeq.DeepEquilibriumNetwork(cell, optx.Newton(1e-6, 1e-6), fixed_depth=4)
     ps, st = model.init(getkey(), x)
-    z, st_new = model.apply(ps, st, x)
+    z, st_new, st_new_solution = model.apply(ps, st, x, return_solution=True)
     z_hand = jnp.zeros_like(x)
     for _ in range(4):
         z_hand, _ = cell.apply(ps["model"], st["model"], (z_hand, x))
     assert tree_allclose(z, z_hand, rtol=1e-12, atol=1e-12)
-    assert np.all(st_new["solution"].nfe == 4)
+    assert np.all(st_new_solution.nfe == 4)
     g = jax.grad(lambda ps: jnp.sum(model.apply(ps, st, x)[0]))(ps)
     g_hand = jax.grad(
         lambda ps: jnp.sum(
@@ -282,7 +296,7 @@ def test_skip_loss_trains_the_init_layer(getkey):
     ps, st = model.init(getkey(), x)
 
     def skip_loss(ps):
-        sol = model.apply(ps, st, x)[1]["solution"]
+        sol = model.apply(ps, st, x, return_solution=True)[2]
         return jnp.mean(jnp.abs(sol.z_star - sol.u0))
 
     g = jax.grad(skip_loss)(ps)
@@ -296,7 +310,9 @@ def test_neural_ode_problem_type(getkey):
         cell, diffrax.Tsit5(), problem_type="ode", rtol=1e-8, atol=1e-8
     )
     ps, st = model.init(getkey(), x)
-    z, st_new = jax.jit(model.apply)(ps, st, x)
+    z, st_new, st_new_solution = jax.jit(
+        functools.partial(model.apply, return_solution=True)
+    )(ps, st, x)
     term = diffrax.ODETerm(
         lambda t, z, _: cell.apply(ps["model"], st["model"], (z, x))[0] - z
     )
@@ -310,7 +326,7 @@ def test_neural_ode_problem_type(getkey):
         stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10),
     ).ys[-1]
     assert tree_allclose(z, ref, rtol=1e-6, atol=1e-6)
-    assert np.all(st_new["solution"].result == jaxdeq.RESULTS.successful)
+    assert np.all(st_new_solution.result == jaxdeq.RESULTS.successful)
     g = jax.jit(jax.grad(lambda x: jnp.sum(model.apply(ps, st, x)[0])))(x)
     assert np.all(np.isfinite(g))
 
@@ -324,8 +340,8 @@ def test_budget_exhausted_returns_best_finite_iterate():
         trace=True,
     )
     ps, st = model.init(jax.random.key(0), x)
-    z, st = model.apply(ps, st, x)
-    sol = st["solution"]
+    z, st, st_solution = model.apply(ps, st, x, return_solution=True)
+    sol = st_solution
     assert sol.result[0] == jaxdeq.RESULTS.max_steps_reached
     assert jaxdeq.RESULTS.message(sol.result[0]).startswith("the step budget ran out")
     assert np.all(np.isfinite(z))
@@ -342,8 +358,10 @@ def test_divergent_solve_reports_nonfinite_and_stays_finite():
     )
     x = jnp.ones((2, 3), jnp.float32)
     ps, st = model.init(jax.random.key(0), x)
-    z, st = jax.jit(model.apply)(ps, st, x)
-    assert np.all(st["solution"].result == jaxdeq.RESULTS.nonfinite)
+    z, st, st_solution = jax.jit(functools.partial(model.apply, return_solution=True))(
+        ps, st, x
+    )
+    assert np.all(st_solution.result == jaxdeq.RESULTS.nonfinite)
     assert np.all(np.isfinite(z))
 
 
@@ -416,8 +434,8 @@ class TestBadInput:
         ps, st = model.init(jax.random.key(0), x)
         with pytest.raises(TypeError, match="max_steps"):
             jax.jit(lambda n: model.apply(ps, st, x, max_steps=n))(jnp.array(3))
-        _, st = model.apply(ps, st, x, max_steps=5)
-        assert int(st["solution"].nfe[0]) <= 5
+        _, st, solution = model.apply(ps, st, x, max_steps=5, return_solution=True)
+        assert int(solution.steps[0]) <= 5 < int(solution.nfe[0])
 
 
 def _while_loop_convs(jaxpr):
@@ -474,8 +492,10 @@ def test_mixed_precision_bf16_cell_float32_solver(getkey):
     )
     ps, st = full.init(getkey(), x)
     z_full, _ = full.apply(ps, st, x)
-    z_mixed, st_mixed = jax.jit(mixed.apply)(ps, st, x)
-    sol = st_mixed["solution"]
+    z_mixed, st_mixed, st_mixed_solution = jax.jit(
+        functools.partial(mixed.apply, return_solution=True)
+    )(ps, st, x)
+    sol = st_mixed_solution
     # the solver's state and residuals stay float32; the cell ran in bfloat16
     assert z_mixed.dtype == jnp.float32 and sol.residual.dtype == jnp.float32
     assert jax.eval_shape(lambda: st) == jax.eval_shape(lambda: st_mixed)

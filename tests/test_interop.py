@@ -1,6 +1,7 @@
 """Interop: Flax (linen, NNX) and Equinox cells inside jaxdeq DEQs, and jaxdeq DEQs
 inside linen, NNX and Equinox models."""
 
+import functools
 import re
 import textwrap
 
@@ -73,7 +74,7 @@ def test_linen_deq_matches_functional_api():
     module = jaxdeq.flax.DEQ(model)
     variables = module.init(jax.random.key(0), x)
     ps, st = dict(variables["params"]), dict(variables["deq_state"])
-    assert set(ps) == {"model"} and set(st) == {"model", "key", "solution"}
+    assert set(ps) == {"model"} and set(st) == {"model", "key"}
 
     z, updates = module.apply(variables, x, mutable=["deq_state"])
     z_ref, st_ref = model.apply(ps, st, x)
@@ -104,7 +105,17 @@ def test_linen_deq_inside_a_larger_model_and_jit():
     y, updates = apply(variables, x)
     y_eager, updates_eager = Net().apply(variables, x, mutable=["deq_state"])
     assert _same((y, updates), (y_eager, updates_eager), **TIGHT)
-    solution = updates["deq_state"]["DEQ_0"]["solution"]
+    h = linen.Dense(WIDTH, param_dtype=jnp.float64).apply(
+        {"params": variables["params"]["Dense_0"]}, x
+    )
+    z, solution = jaxdeq.flax.DEQ(model).apply(
+        {
+            "params": variables["params"]["DEQ_0"],
+            "deq_state": variables["deq_state"]["DEQ_0"],
+        },
+        h,
+        return_solution=True,
+    )
     assert np.all(solution.result == jaxdeq.RESULTS.successful)
     assert np.all(solution.nfe > 0)
     # The model's PRNG key advances in the state collection.
@@ -122,8 +133,10 @@ def test_linen_deq_per_call_budget():
     x = _x()
     module = jaxdeq.flax.DEQ(model)
     variables = module.init(jax.random.key(0), x)
-    _, updates = module.apply(variables, x, max_steps=2, mutable=["deq_state"])
-    assert np.all(updates["deq_state"]["solution"].nfe <= 2)
+    (_, solution), _ = module.apply(
+        variables, x, max_steps=2, return_solution=True, mutable=["deq_state"]
+    )
+    assert np.all(solution.nfe <= 2)
 
 
 def test_linen_deq_needs_its_state_collection():
@@ -153,7 +166,7 @@ def test_nnx_deq_matches_functional_api():
     grads_ref = _functional_grads(model, ps, st, x)
     assert _same((grads_ps, grads[1]), grads_ref, **TIGHT)
 
-    # Every call updates the state: the solution and the advanced key.
+    # Every call updates the state: the advanced key.
     _, st_ref = model.apply(ps, st, x)
     assert _same(module.st.get_value(), st_ref, **TIGHT)
     st = module.st.get_value()
@@ -191,7 +204,8 @@ def test_nnx_deq_trains_with_nnx_optimizer():
 
     losses = [float(step(net, optimizer, x)) for _ in range(5)]
     assert losses[-1] < losses[0]
-    assert net.deq.st.get_value()["solution"].z_star.shape == (4, WIDTH)
+    z, solution = net.deq(jnp.ones((4, WIDTH)), return_solution=True)
+    assert solution.z_star.shape == (4, WIDTH)
 
 
 def test_equinox_deq_matches_functional_api():
@@ -217,7 +231,8 @@ def test_equinox_deq_matches_functional_api():
     z_ref, st_ref = model.apply(ps, st, x)
     assert _same((z, new_st), (z_ref, st_ref), **TIGHT)
     deq = eqx.tree_at(lambda d: d.st, deq, new_st)
-    assert _same(deq.st["solution"].z_star, z_ref, **TIGHT)
+    z, st_again, solution = deq(x, return_state=True, return_solution=True)
+    assert _same(solution.z_star, z, **TIGHT)
 
 
 def test_equinox_deq_jacobian_loss_carries_gradients():
@@ -226,12 +241,11 @@ def test_equinox_deq_jacobian_loss_carries_gradients():
     deq = jaxdeq.equinox.DEQ(model, x, key=jax.random.key(0))
 
     def loss(deq):
-        _, st = deq(x, return_state=True)
-        return st["solution"].jacobian_loss
+        _, solution = deq(x, return_solution=True)
+        return solution.jacobian_loss
 
     def loss_ref(ps):
-        _, st = model.apply(ps, deq.st, x)
-        return st["solution"].jacobian_loss
+        return model.apply(ps, deq.st, x, return_solution=True)[2].jacobian_loss
 
     grads = eqx.filter_grad(loss)(deq)
     assert _same(grads.ps, jax.grad(loss_ref)(deq.ps), **TIGHT)
@@ -385,8 +399,10 @@ def test_batch_norm_cell_joint_solve_updates_batch_stats():
     cell = nn.from_flax(_BatchNormCell(train=True))
     model = _deq(cell, joint_solve=True)
     ps, st = model.init(jax.random.key(0), x)
-    z, new_st = jax.jit(model.apply)(ps, st, x)
-    solution = new_st["solution"]
+    z, new_st, new_st_solution = jax.jit(
+        functools.partial(model.apply, return_solution=True)
+    )(ps, st, x)
+    solution = new_st_solution
     assert np.all(solution.result == jaxdeq.RESULTS.successful)
     assert np.max(solution.residual_norm) < 1e-9
     # The batch statistics are those of one training-mode call at the fixed point.
@@ -562,7 +578,7 @@ def test_equinox_model_with_deq_block_trains_on_digits():
         net, opt_state, value = step(net, opt_state)
         losses.append(float(value))
     assert losses[-1] < 0.9 * losses[0], losses
-    assert net.deq.st["solution"].z_star.shape == (64, width)
+    assert set(net.deq.st) == {"model", "key"}  # nothing batch-shaped
 
 
 @pytest.mark.parametrize(

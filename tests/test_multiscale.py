@@ -3,6 +3,8 @@ scale's residual at the returned state, against a hand-written map), gradients a
 finite differences and unrolled differentiation, transformations, the skip, skip-reg
 and neural-ODE variants, post-fuse layers, Jacobian regularization and bad input."""
 
+import functools
+
 import diffrax
 import equinox as eqx
 import jax
@@ -125,11 +127,13 @@ def test_seed_multiscale_example(solver):
     )
     x = jax.random.uniform(jax.random.key(0), (12, 4), jnp.float32)
     ps, st = model.init(jax.random.key(0), x)
-    z, st_new = jax.jit(model.apply)(ps, st, x)
+    z, st_new, st_new_solution = jax.jit(
+        functools.partial(model.apply, return_solution=True)
+    )(ps, st, x)
     assert tuple(zi.shape for zi in z) == ((12, 4), (12, 3), (12, 2), (12, 1))
     if solver != "tsit5":  # diffrax promotes a float32 state under x64 (core issue)
         assert all(zi.dtype == jnp.float32 for zi in z)
-    sol = st_new["solution"]
+    sol = st_new_solution
     assert np.all(sol.result == jaxdeq.RESULTS.successful)
     assert isinstance(sol.z_star, tuple) and isinstance(sol.residual, tuple)
     # the residual of every scale, at the returned state, of the map written by hand
@@ -191,11 +195,11 @@ def test_jit_equals_eager_and_vmap_equals_batch(getkey):
     x = jax.random.normal(getkey(), (3, 3), jnp.float32)
     model = _small_model(jaxdeq.Anderson(rtol=1e-6, atol=1e-6))
     ps, st = model.init(getkey(), x)
-    z_eager, st_eager = model.apply(ps, st, x)
+    z_eager, st_eager, st_eager_solution = model.apply(ps, st, x, return_solution=True)
     apply = jax.jit(model.apply)
-    z_jit, st_jit = apply(ps, st, x)
+    z_jit, st_jit, st_jit_solution = apply(ps, st, x, return_solution=True)
     assert tree_allclose(z_eager, z_jit, rtol=1e-5, atol=1e-5)
-    assert np.array_equal(st_eager["solution"].nfe, st_jit["solution"].nfe)
+    assert np.array_equal(st_eager_solution.nfe, st_jit_solution.nfe)
     z_vmap = jax.vmap(
         lambda xi: jtu.tree_map(lambda a: a[0], model.apply(ps, st, xi[None])[0])
     )(x)
@@ -234,8 +238,8 @@ def test_skip_variant_trains_the_init_layers(getkey):
     x = jax.random.normal(getkey(), (2, 3))
     ps, st = model.init(getkey(), x)
     assert len(ps["init"]) == 2
-    z, st_new = model.apply(ps, st, x)
-    u0 = st_new["solution"].u0
+    z, st_new, st_new_solution = model.apply(ps, st, x, return_solution=True)
+    u0 = st_new_solution.u0
     assert tree_allclose(
         u0,
         tuple(
@@ -248,7 +252,7 @@ def test_skip_variant_trains_the_init_layers(getkey):
     assert max(_scale_residuals(model, ps, st, z, x)) < 1e-8
 
     def skip_loss(ps):
-        sol = model.apply(ps, st, x)[1]["solution"]
+        sol = model.apply(ps, st, x, return_solution=True)[2]
         return sum(
             jnp.mean(jnp.abs(a - b)) for a, b in zip(sol.z_star, sol.u0, strict=True)
         )
@@ -265,10 +269,10 @@ def test_skip_reg_starts_from_one_application_of_the_map(getkey):
     x = jax.random.normal(getkey(), (2, 3))
     ps, st = model.init(getkey(), x)
     assert "init" not in ps
-    z, st_new = model.apply(ps, st, x)
+    z, st_new, st_new_solution = model.apply(ps, st, x, return_solution=True)
     zeros = tuple(jnp.zeros((2, *s)) for s in scales)
     assert tree_allclose(
-        st_new["solution"].u0, _reference_map(model, ps, st, zeros, x), 1e-12, 1e-12
+        st_new_solution.u0, _reference_map(model, ps, st, zeros, x), 1e-12, 1e-12
     )
     assert max(_scale_residuals(model, ps, st, z, x)) < 1e-8
 
@@ -280,7 +284,9 @@ def test_multiscale_neural_ode(getkey):
     )
     x = jax.random.normal(getkey(), (2, 3))
     ps, st = model.init(getkey(), x)
-    z, st_new = jax.jit(model.apply)(ps, st, x)
+    z, st_new, st_new_solution = jax.jit(
+        functools.partial(model.apply, return_solution=True)
+    )(ps, st, x)
     term = diffrax.ODETerm(
         lambda t, z, _: jtu.tree_map(
             jnp.subtract, _reference_map(model, ps, st, z, x), z
@@ -296,7 +302,7 @@ def test_multiscale_neural_ode(getkey):
         stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10),
     ).ys
     assert tree_allclose(z, jtu.tree_map(lambda a: a[-1], ref), rtol=1e-6, atol=1e-6)
-    assert np.all(st_new["solution"].result == jaxdeq.RESULTS.successful)
+    assert np.all(st_new_solution.result == jaxdeq.RESULTS.successful)
     g = jax.grad(lambda x: sum(jnp.sum(zi) for zi in model.apply(ps, st, x)[0]))(x)
     assert np.all(np.isfinite(g)) and np.any(g != 0)
 
@@ -310,8 +316,8 @@ def test_jacobian_regularization(mode, getkey):
     ps, st = model.init(getkey(), x)
 
     def loss(ps):
-        z, st_new = model.apply(ps, st, x)
-        return st_new["solution"].jacobian_loss, (z, st_new["solution"])
+        z, st_new, st_new_solution = model.apply(ps, st, x, return_solution=True)
+        return st_new_solution.jacobian_loss, (z, st_new_solution)
 
     (value, (z, sol)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(ps)
     # the same Hutchinson estimate, over all scales, of the hand-written map

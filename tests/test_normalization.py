@@ -139,8 +139,8 @@ def test_dropout_mask_is_fixed_within_a_solve_and_new_across_solves(joint):
     model = _dropout_model(joint=joint)
     ps, st = model.init(jax.random.key(0), x)
     apply = jax.jit(model.apply)
-    z1, st1 = apply(ps, st, x)
-    sol = st1["solution"]
+    z1, st1, st1_solution = apply(ps, st, x, return_solution=True)
+    sol = st1_solution
     # A mask redrawn between iterations would keep the iteration from converging.
     assert np.all(sol.result == jaxdeq.RESULTS.successful)
     assert float(sol.residual_norm.max()) < 1e-10

@@ -1,6 +1,8 @@
 """Regularizers and diagnostics: spectral radius, fixed-point correction over
 sampled states, skip loss."""
 
+import functools
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -75,8 +77,10 @@ def test_sampled_states_are_solver_iterates_with_one_step_gradients(joint, getke
         joint_solve=joint,
     )
     ps, st = model.init(getkey(), x)
-    _, new_st = jax.jit(model.apply)(ps, st, x)
-    states = new_st["solution"].states
+    _, new_st, new_st_solution = jax.jit(
+        functools.partial(model.apply, return_solution=True)
+    )(ps, st, x)
+    states = new_st_solution.states
     assert states.shape == (4, 2, 3)
     f = lambda ps, z: cell.apply(ps, st["model"], (z, x))[0]  # noqa: E731
     z, iterates = jnp.zeros_like(x), []
@@ -86,9 +90,9 @@ def test_sampled_states_are_solver_iterates_with_one_step_gradients(joint, getke
     assert np.allclose(states, jnp.stack(iterates[1::2]), atol=1e-12)
 
     def correction(ps):
-        _, new_st = model.apply(ps, st, x)
+        _, new_st, new_st_solution = model.apply(ps, st, x, return_solution=True)
         return jaxdeq.fixed_point_correction_loss(
-            lambda z: jnp.sum(jnp.sin(z)), new_st["solution"].states, 0.8
+            lambda z: jnp.sum(jnp.sin(z)), new_st_solution.states, 0.8
         )
 
     def one_step(ps):
@@ -114,9 +118,9 @@ def test_sampled_states_after_early_stop_repeat_the_last_iterate(getkey):
         sample_states=3,
     )
     ps, st = model.init(getkey(), x)
-    z, st = model.apply(ps, st, x)
-    assert int(st["solution"].nfe.max()) < 40
-    assert np.allclose(st["solution"].states[-1], z, atol=1e-9)
+    z, st, st_solution = model.apply(ps, st, x, return_solution=True)
+    assert int(st_solution.nfe.max()) < 40
+    assert np.allclose(st_solution.states[-1], z, atol=1e-9)
     with pytest.raises(ValueError, match="sample_states"):
         jaxdeq.DeepEquilibriumNetwork(dense_cell(3), diffrax.Tsit5(), sample_states=2)
     with pytest.raises(ValueError, match="sample_states"):
@@ -131,10 +135,10 @@ def test_skip_loss_is_the_mean_gap_and_trains_the_init(getkey):
         dense_cell(3, 0.5), nn.Dense(3, 3), optx.FixedPointIteration(1e-10, 1e-10)
     )
     ps, st = model.init(getkey(), x)
-    _, new_st = model.apply(ps, st, x)
-    sol = new_st["solution"]
+    _, new_st, new_st_solution = model.apply(ps, st, x, return_solution=True)
+    sol = new_st_solution
     assert np.isclose(jaxdeq.skip_loss(sol), jnp.mean(jnp.abs(sol.z_star - sol.u0)))
     grads = jax.grad(
-        lambda ps: jaxdeq.skip_loss(model.apply(ps, st, x)[1]["solution"])
+        lambda ps: jaxdeq.skip_loss(model.apply(ps, st, x, return_solution=True)[2])
     )(ps)
     assert float(jnp.abs(grads["init"]["kernel"]).max()) > 0

@@ -103,12 +103,12 @@ def _compare(model, x, mesh, spec, apply=None):
     ps, st = model.init(jax.random.key(0), x)
 
     def loss(ps, x, apply):
-        z, st_new = apply(ps, st, x)
+        z, st_new, st_new_solution = apply(ps, st, x, return_solution=True)
         weighted = [
             jnp.sum(jnp.sin(leaf) * jnp.cos(jnp.arange(leaf.size).reshape(leaf.shape)))
             for leaf in jax.tree.leaves(z)
         ]
-        return sum(weighted), (z, st_new["solution"].nfe)
+        return sum(weighted), (z, st_new_solution.nfe)
 
     def grad_fn(apply):
         return jax.jit(jax.grad(lambda ps, x: loss(ps, x, apply), (0, 1), has_aux=True))

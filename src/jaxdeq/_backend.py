@@ -13,6 +13,7 @@ record a residual trace, for any optimistix root-finder or fixed-point solver.
 """
 
 import abc
+import difflib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -33,6 +34,7 @@ from ._misc import (
     tree_where,
 )
 from ._solution import RESULTS, first_outcome
+from ._solver import Anderson, Broyden
 
 Cell = Callable[[PyTree[Array], PyTree], PyTree[Array]]
 # loop(cond_fun, body_fun, init_val, *, max_steps): given by the gradient mode.
@@ -50,6 +52,8 @@ class Forward(eqx.Module):
     original: Any
     # Iterates sampled along the solve (`samples=k`): leaves `(k, *z.shape)`.
     samples: PyTree[Array] | None = None
+    # Solver (or ODE) steps; `nfe` counts cell evaluations.
+    steps: Int[Array, "*batch"] | None = None
 
 
 class AbstractBackend(eqx.Module):
@@ -165,8 +169,10 @@ class OptimistixBackend(AbstractBackend):
             state = eqx.combine(c.solver_state, static_state)
             y, state, (y_eval, sq) = solver.step(fn, c.y, args, options, state, tags)
             done, result = solver.terminate(fn, y, args, options, state, tags)
+            # A non-finite proposal can't be evaluated: the solve is over. A solve
+            # that already stopped keeps its own verdict.
             result = optx.RESULTS.where(
-                tree_all_finite(y), result, optx.RESULTS.nonfinite
+                done | tree_all_finite(y), result, optx.RESULTS.nonfinite
             )
             better = sq < c.best_sq  # False for NaN: a non-finite iterate is never best
             residual_trace = c.residual_trace
@@ -217,46 +223,67 @@ class OptimistixBackend(AbstractBackend):
         original = optx.Solution(
             value=z, result=result, aux=None, stats={"num_steps": c.step}, state=None
         )
-        nfe = c.step
+        size = sum(leaf.size for leaf in jtu.tree_leaves(z0))
+        at_init, per_step = _evaluations_per_step(solver, size)
+        steps = c.step
+        nfe = (at_init + per_step * steps).astype(jnp.int32)
         residual_trace = c.residual_trace
         if batched:
             batch = c.best_sq.shape
             nfe = jnp.broadcast_to(nfe, batch)
+            steps = jnp.broadcast_to(steps, batch)
             code = jnp.broadcast_to(code, batch)
             if residual_trace is not None:
                 residual_trace = residual_trace.T
         sampled = c.sampled if samples else None
-        return Forward(z, nfe, code, residual_trace, original, sampled)
+        return Forward(z, nfe, code, residual_trace, original, sampled, steps)
 
 
-def _diffrax_outcome(sol: diffrax.Solution, z0: PyTree[Array], reached) -> Forward:
-    """The state at the last saved time and its outcome code; a non-finite state is
-    replaced by `z0` (reported as `nonfinite`), never returned."""
-    # (diffrax promotes the state to its time dtype, float64 under x64)
-    z = jtu.tree_map(lambda leaf, ref: leaf[0].astype(ref.dtype), sol.ys, z0)
-    finite = tree_all_finite(z)
-    code = first_outcome(
-        [
-            (~finite, RESULTS.nonfinite),
-            (reached, RESULTS.successful),
-            (
-                sol.result == diffrax.RESULTS.max_steps_reached,
-                RESULTS.max_steps_reached,
-            ),
-        ],
-        RESULTS.diverged,
-    )
-    z = tree_where(finite, z, z0)
-    return Forward(z, sol.stats["num_steps"].astype(jnp.int32), code, None, sol)
+def _evaluations_per_step(solver, size: int) -> tuple[int, int]:
+    """`(at init, per step)` cell evaluations of an optimistix solver: one per step
+    for fixed-point solvers; a root-finder's dense Jacobian (optimistix's default
+    linear solve materialises it) counts as `size` evaluations, one forward-mode
+    column each: every step for `optx.Newton`, once at the start for `optx.Chord`."""
+    if isinstance(solver, optx.Newton):
+        return 0, 1 + size
+    if isinstance(solver, optx.Chord):
+        return size, 1
+    return 0, 1
+
+
+def _diffrax_evaluations(
+    solver: diffrax.AbstractSolver, initial_step: bool, steps: Array
+) -> Array:
+    """Vector-field evaluations of a steady-state or neural-ODE integration of
+    `steps` attempted steps: the solver's stages (an explicit Runge-Kutta method
+    evaluates `len(c) + 1` stages per step, one fewer when the last stage is reused
+    (FSAL), which costs one evaluation at the start; Euler one), plus two to select
+    the initial step when diffrax chooses it. Implicit solvers' inner Newton
+    iterations are not counted."""
+    start, per_step = 0, 1
+    tableau = getattr(solver, "tableau", None)
+    if isinstance(tableau, diffrax.ButcherTableau):
+        per_step = len(tableau.c) + 1
+        if tableau.fsal:
+            start, per_step = 1, per_step - 1
+    return (start + 2 * initial_step + per_step * steps).astype(jnp.int32)
 
 
 class DiffraxBackend(AbstractBackend):
-    """Integrates `dz/dt = f(z, x) - z` with a diffrax solver until a steady state
-    (`diffrax.steady_state_event`), or over `[0, 1]` for a neural ODE."""
+    """Integrates `dz/dt = f(z, x) - z` with a diffrax solver until a steady state,
+    `norm(f(z) - z) < atol + rtol norm(z)` (`diffrax.steady_state_event`), or over
+    `[0, 1]` for a neural ODE.
+
+    The steady-state test uses `rtol`/`atol` when given, else those of the user's
+    `stepsize_controller` when it has them, else `1e-4`/`1e-6`; its norm is the
+    controller's, else `optx.rms_norm` (diffrax's `PIDController` default). The
+    default controller is a `PIDController` with the same tolerances for adaptive
+    solvers, a constant step `dt0` otherwise.
+    """
 
     solver: diffrax.AbstractSolver
-    rtol: float = 1e-4
-    atol: float = 1e-6
+    rtol: float | None = None
+    atol: float | None = None
     dt0: float | None = None
     stepsize_controller: diffrax.AbstractStepSizeController | None = None
 
@@ -266,12 +293,45 @@ class DiffraxBackend(AbstractBackend):
     sampled_iterates: ClassVar[bool] = False
     neural_ode: ClassVar[bool] = True
 
+    def __check_init__(self):
+        for name in ("rtol", "atol", "dt0"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name}: expected a real number, got {value!r}")
+            if not value >= 0 or (name == "dt0" and value == 0):
+                raise ValueError(
+                    f"{name}: expected a number {'> 0' if name == 'dt0' else '>= 0'}"
+                    f", got {value!r}"
+                )
+        controller = self.stepsize_controller
+        if controller is not None and not isinstance(
+            controller, diffrax.AbstractStepSizeController
+        ):
+            raise TypeError(
+                "stepsize_controller: expected a diffrax step-size controller, got "
+                f"{type(controller).__name__}"
+            )
+
+    def _tolerances(self) -> tuple[float, float, Callable]:
+        controller = self.stepsize_controller
+        rtol = getattr(controller, "rtol", None) if self.rtol is None else self.rtol
+        atol = getattr(controller, "atol", None) if self.atol is None else self.atol
+        norm = getattr(controller, "norm", None) or optx.rms_norm
+        return (1e-4 if rtol is None else rtol), (1e-6 if atol is None else atol), norm
+
     def _controller(self):
         if self.stepsize_controller is not None:
             return self.stepsize_controller
         if isinstance(self.solver, diffrax.AbstractAdaptiveSolver):
-            return diffrax.PIDController(rtol=self.rtol, atol=self.atol)
+            rtol, atol, _ = self._tolerances()
+            return diffrax.PIDController(rtol=rtol, atol=atol)
         return diffrax.ConstantStepSize()
+
+    def _initial_step(self) -> bool:
+        """Whether diffrax chooses the initial step (two extra evaluations)."""
+        return self.dt0 is None
 
     def _dt0(self):
         if self.dt0 is None and not isinstance(
@@ -311,6 +371,35 @@ class DiffraxBackend(AbstractBackend):
             throw=False,
         )
 
+    def _outcome(self, f, args, sol, z0, reached, evaluations) -> Forward:
+        """The state at the last saved time and its outcome code. A failed solve
+        returns the lower-residual of its final and initial states (diffrax keeps
+        no best iterate); a non-finite state is never returned."""
+        # (diffrax promotes the state to its time dtype, float64 under x64)
+        z = jtu.tree_map(lambda leaf, ref: leaf[0].astype(ref.dtype), sol.ys, z0)
+        finite = tree_all_finite(z)
+        steps = sol.stats["num_steps"].astype(jnp.int32)
+        code = first_outcome(
+            [
+                (~finite, RESULTS.nonfinite),
+                (reached, RESULTS.successful),
+                (
+                    sol.result == diffrax.RESULTS.max_steps_reached,
+                    RESULTS.max_steps_reached,
+                ),
+            ],
+            RESULTS.diverged,
+        )
+        if f is not None:
+            z_sq = sample_sq_norm(tree_sub(f(z, args), z), batched=False)
+            z0_sq = sample_sq_norm(tree_sub(f(z0, args), z0), batched=False)
+            keep = reached | (finite & (z_sq <= z0_sq))
+            nfe = evaluations + 2
+        else:
+            keep, nfe = finite, evaluations
+        z = tree_where(keep, z, z0)
+        return Forward(z, nfe, code, None, sol, steps=steps)
+
     def solve(
         self, f, z0, args, budget, loop, *, max_steps, batched, trace, samples
     ) -> Forward:
@@ -319,26 +408,70 @@ class DiffraxBackend(AbstractBackend):
             if not isinstance(budget, int):
                 raise TypeError(
                     "max_steps: a diffrax solver needs a Python int per-call budget "
-                    "(diffrax's step cap is static); got a traced array"
+                    "(diffrax's step cap is static: each budget compiles once); got "
+                    "a traced array"
                 )
             max_steps = min(budget, max_steps)
-        event = diffrax.Event(diffrax.steady_state_event(self.rtol, self.atol))
+        rtol, atol, norm = self._tolerances()
+        event = diffrax.Event(diffrax.steady_state_event(rtol, atol, norm))
         sol = self._diffeqsolve(f, z0, args, jnp.inf, max_steps, event=event)
-        return _diffrax_outcome(sol, z0, diffrax.is_event(sol.result))
+        steps = sol.stats["num_steps"]
+        # steady_state_event evaluates the vector field once per step.
+        evaluations = _diffrax_evaluations(
+            self.solver, self._initial_step(), steps
+        ) + steps.astype(jnp.int32)
+        return self._outcome(
+            f, args, sol, z0, diffrax.is_event(sol.result), evaluations
+        )
 
-    def integrate(self, f: Cell, z0: PyTree[Array], args: PyTree, *, max_steps: int):
+    def integrate(
+        self, f: Cell, z0: PyTree[Array], args: PyTree, *, max_steps: int
+    ) -> tuple[PyTree[Array], Forward]:
         """The neural ODE: `z(1)` of `dz/dt = f(z, x) - z`, `z(0) = z0`,
         differentiated by diffrax's own adjoint."""
         sol = self._diffeqsolve(f, z0, args, 1.0, max_steps)
-        out = _diffrax_outcome(sol, z0, diffrax.is_successful(sol.result))
+        evaluations = _diffrax_evaluations(
+            self.solver, self._initial_step(), sol.stats["num_steps"]
+        )
+        out = self._outcome(
+            None, args, sol, z0, diffrax.is_successful(sol.result), evaluations
+        )
         return out.z, out
 
 
 _DIFFRAX_OPTIONS = ("rtol", "atol", "dt0", "stepsize_controller")
 
 
-def make_backend(solver: Any, solver_options: dict[str, Any]):
-    """Pick the backend for `solver`, validating `solver_options` against it."""
+def _known_options(solver) -> tuple[str, ...] | None:
+    """The keys of `options=` that an optimistix solver reads (`None`: a solver
+    this table does not know, whose options are passed through unchecked)."""
+    if isinstance(solver, (optx.Newton, optx.Chord, optx.Bisection)):
+        return ("lower", "upper")
+    if type(solver) in (Anderson, Broyden, optx.FixedPointIteration):
+        return ()
+    return None
+
+
+def _unexpected_keywords(unknown, allowed, model_keywords, accepted_by) -> TypeError:
+    """The error for keywords no model or solver option accepts, with the nearest
+    accepted name for each ("did you mean")."""
+    candidates = tuple(model_keywords) + tuple(allowed)
+    lines = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        lines.append(f"unexpected keyword argument {name!r}{hint}")
+    return TypeError(
+        "; ".join(lines) + f". Solver options accepted by {accepted_by}: "
+        f"{tuple(allowed)}; model keywords: {tuple(model_keywords)}"
+    )
+
+
+def make_backend(
+    solver: Any, solver_options: dict[str, Any], model_keywords: tuple[str, ...] = ()
+):
+    """Pick the backend for `solver`, validating `solver_options` against it (a
+    misspelt model keyword lands here too, and is named as such)."""
     if isinstance(solver, str):
         raise TypeError(
             f"solver: expected an optimistix root-finder or fixed-point solver (e.g. "
@@ -350,26 +483,36 @@ def make_backend(solver: Any, solver_options: dict[str, Any]):
             f"solver: expected a solver instance, got the class {solver.__name__}; "
             f"call it, e.g. `{solver.__name__}(...)`"
         )
+    name = type(solver).__name__
     if isinstance(solver, OPTIMISTIX_SOLVERS):
         unknown = set(solver_options) - {"options"}
         if unknown:
-            raise TypeError(
-                f"solver options {sorted(unknown)} are not accepted with the "
-                f"optimistix solver {type(solver).__name__}: its tolerances are set "
-                "on the solver itself; the only option is `options=` (a dict passed "
-                "to the solver's init/step)"
+            raise _unexpected_keywords(
+                unknown,
+                ("options",),
+                model_keywords,
+                f"the optimistix solver {name} (its tolerances are set on the solver)",
             )
-        options = tuple(sorted(dict(solver_options.get("options", {})).items()))
-        return OptimistixBackend(solver, options)
+        options = solver_options.get("options", {})
+        if not isinstance(options, dict):
+            raise TypeError(
+                f"options: expected a dict of solver options, got {options!r}"
+            )
+        known = _known_options(solver)
+        if known is not None and set(options) - set(known):
+            raise ValueError(
+                f"options: {name} reads no option "
+                f"{sorted(set(options) - set(known))}; it reads {known}"
+            )
+        return OptimistixBackend(solver, tuple(sorted(options.items())))
     if isinstance(solver, diffrax.AbstractSolver):
         unknown = set(solver_options) - set(_DIFFRAX_OPTIONS)
         if unknown:
-            raise TypeError(
-                f"solver options {sorted(unknown)} are not accepted with the diffrax "
-                f"solver {type(solver).__name__}; expected some of {_DIFFRAX_OPTIONS}"
+            raise _unexpected_keywords(
+                unknown, _DIFFRAX_OPTIONS, model_keywords, f"the diffrax solver {name}"
             )
         return DiffraxBackend(solver, **solver_options)
     raise TypeError(
         "solver: expected an optimistix root-finder or fixed-point solver or a "
-        f"diffrax solver, got {type(solver).__name__}"
+        f"diffrax solver, got {name}"
     )

@@ -24,12 +24,27 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._backend import Forward, make_backend
-from ._misc import sample_sq_norm, tree_sub
+from ._misc import sample_sq_norm, tree_all_finite, tree_sub, tree_where
 from ._regularization import JACOBIAN_MODES, jacobian_frobenius_estimate
 from ._solution import RESULTS, DeepEquilibriumSolution
 
 BatchedCell = Callable[[PyTree, PyTree, PyTree[Array], Any], tuple[PyTree, PyTree]]
 PROBLEM_TYPES = ("steady_state", "ode")
+# Keywords of every model besides the solver options: named in the "did you mean"
+# of a misspelt keyword, which would otherwise land among the solver options.
+_MODEL_KEYWORDS = (
+    "init",
+    "jacobian_regularization",
+    "problem_type",
+    "adjoint",
+    "max_steps",
+    "fixed_depth",
+    "joint_solve",
+    "trace",
+    "sample_states",
+    "compute_dtype",
+    "throw",
+)
 
 
 class EquilibriumConfig(eqx.Module):
@@ -45,6 +60,7 @@ class EquilibriumConfig(eqx.Module):
     trace: bool
     sample_states: int
     compute_dtype: Any
+    throw: bool
 
     def __init__(
         self,
@@ -59,9 +75,10 @@ class EquilibriumConfig(eqx.Module):
         trace=False,
         sample_states=0,
         compute_dtype=None,
+        throw=False,
         **solver_options,
     ):
-        self.backend = make_backend(solver, solver_options)
+        self.backend = make_backend(solver, solver_options, _MODEL_KEYWORDS)
         if compute_dtype is not None:
             compute_dtype = jnp.dtype(compute_dtype)
             if not jnp.issubdtype(compute_dtype, jnp.floating):
@@ -92,6 +109,12 @@ class EquilibriumConfig(eqx.Module):
                 "trace: residual traces are recorded by optimistix-style solvers; "
                 f"the diffrax solver {type(solver).__name__} does not provide one"
             )
+        if problem_type == "ode" and adjoint is not None:
+            raise ValueError(
+                "adjoint: a neural ODE (problem_type='ode') is differentiated by "
+                "diffrax's own adjoint, not by a DEQ gradient mode; leave `adjoint` "
+                f"unset, got {type(adjoint).__name__}"
+            )
         adjoint = ImplicitAdjoint() if adjoint is None else adjoint
         if (
             compute_dtype is not None
@@ -112,7 +135,9 @@ class EquilibriumConfig(eqx.Module):
             ("max_steps", max_steps, 1),
             ("fixed_depth", fixed_depth, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int >= {low}, got {value!r}")
+            if value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         if isinstance(sample_states, bool) or not isinstance(sample_states, int):
             raise TypeError(f"sample_states: expected an int, got {sample_states!r}")
@@ -129,21 +154,38 @@ class EquilibriumConfig(eqx.Module):
                 "not available with a diffrax solver, fixed_depth > 0 or "
                 "problem_type='ode'"
             )
-        if not isinstance(joint_solve, bool):
-            raise TypeError(f"joint_solve: expected a bool, got {joint_solve!r}")
+        for name, value in (
+            ("joint_solve", joint_solve),
+            ("trace", trace),
+            ("throw", throw),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {value!r}")
+        if trace and fixed_depth:
+            raise ValueError(
+                "trace: residual traces are recorded by solves; with fixed_depth > 0 "
+                "the cell is applied a fixed number of times and nothing is recorded"
+            )
         self.adjoint = adjoint
         self.jacobian_regularization = jacobian_regularization
         self.problem_type = problem_type
         self.max_steps = max_steps
         self.fixed_depth = fixed_depth
         self.joint_solve = joint_solve
-        self.trace = bool(trace)
+        self.trace = trace
         self.sample_states = sample_states
+        self.throw = throw
 
     def budget(self, max_steps):
-        """Validate a per-call budget: `None`, a Python int or a traced int array."""
+        """Validate a per-call budget: `None`, a Python int or a traced int array
+        (checked at run time: `1 <= max_steps <= self.max_steps`)."""
         if max_steps is None:
             return None
+        if self.fixed_depth:
+            raise ValueError(
+                "max_steps: a per-call budget has no effect with fixed_depth > 0 "
+                f"(the cell is applied exactly {self.fixed_depth} times)"
+            )
         if isinstance(max_steps, bool):
             raise TypeError(f"max_steps: expected an int, got {max_steps!r}")
         if isinstance(max_steps, int):
@@ -161,7 +203,12 @@ class EquilibriumConfig(eqx.Module):
                 "max_steps: expected an int or a scalar integer array, got "
                 f"{max_steps.dtype}{list(max_steps.shape)}"
             )
-        return max_steps.astype(jnp.int32)
+        return eqx.error_if(
+            max_steps.astype(jnp.int32),
+            (max_steps < 1) | (max_steps > self.max_steps),
+            f"max_steps: expected 1 <= max_steps <= {self.max_steps} (the model's "
+            "max_steps)",
+        )
 
 
 def _add_batch(tree):
@@ -287,24 +334,32 @@ def _solve(
     """Run the problem from `z0`: `(z*, the solve's outcome)`."""
     ps, x, batch = problem.ps, problem.x, problem.batch
     sample_index = jnp.arange(batch)
-    if config.problem_type == "ode":
-
-        def integrate(z0, x, index):
-            args = (ps, problem.sample_st(index), x)
-            return config.backend.integrate(
-                problem.f, z0, args, max_steps=config.max_steps
-            )
-
-        if problem.joint:
-            return integrate(z0, x, None)
-        return jax.vmap(integrate)(z0, x, sample_index)
     if config.fixed_depth > 0:
+        # Pretraining, for every problem type (the neural ODE included, as in the
+        # seed): `f` applied exactly `fixed_depth` times, plain backpropagation.
         args = (ps, problem.st, x)
         z = jax.lax.fori_loop(
             0, config.fixed_depth, lambda _, z: problem.f_joint(z, args), z0
         )
-        nfe = jnp.full((batch,), config.fixed_depth, jnp.int32)
-        return z, Forward(z, nfe, jnp.full((batch,), RESULTS.successful), None, None)
+        depth = jnp.full((batch,), config.fixed_depth, jnp.int32)
+        successful = jnp.full((batch,), RESULTS.successful, jnp.int32)
+        return z, Forward(z, depth, successful, None, None, steps=depth)
+    if config.problem_type == "ode":
+        steps = config.max_steps if budget is None else budget
+
+        def integrate(z0, x, index):
+            args = (ps, problem.sample_st(index), x)
+            return config.backend.integrate(problem.f, z0, args, max_steps=steps)
+
+        if isinstance(steps, jax.Array):
+            raise TypeError(
+                "max_steps: a neural ODE needs a Python int per-call budget "
+                "(diffrax's step cap is static: each budget compiles once); got a "
+                "traced array"
+            )
+        if problem.joint:
+            return integrate(z0, x, None)
+        return jax.vmap(integrate)(z0, x, sample_index)
     # A Python-int budget is static (diffrax's step cap must be): bound into the
     # forward solve; array budgets stay traced inputs of the solve.
     static_budget = budget if isinstance(budget, int) else None
@@ -380,6 +435,7 @@ def _solution(
         residual=residual,
         jacobian_loss=jacobian_loss,
         nfe=jnp.broadcast_to(out.nfe, (batch,)),
+        steps=jnp.broadcast_to(out.steps, (batch,)),
         result=jnp.broadcast_to(out.result.astype(jnp.int32), (batch,)),
         residual_norm=jax.lax.stop_gradient(residual_norm),
         relative_residual_norm=jax.lax.stop_gradient(
@@ -407,5 +463,50 @@ def solve_equilibrium(
     budget = config.budget(max_steps)
     problem = _problem(config, cell, ps, st, x)
     z, out = _solve(config, problem, z0, budget)
+    z, out = _poison_nonfinite_inputs(problem, z0, z, out)
     new_st, solution = _solution(config, problem, z, out, u0, key)
+    if config.throw:
+        z = _raise_if_unsuccessful(z, solution.result)
     return z, new_st, solution
+
+
+def _inexact_leaves(tree: PyTree) -> list[Array]:
+    return [leaf for leaf in jtu.tree_leaves(tree) if eqx.is_inexact_array(leaf)]
+
+
+def _poison_nonfinite_inputs(
+    problem: _Problem, z0: PyTree[Array], z: PyTree[Array], out: Forward
+) -> tuple[PyTree[Array], Forward]:
+    """A sample whose input, initial state, or whose cell's parameters or state, hold
+    NaN or infinity gets `nonfinite` and a NaN output: garbage in stays visible (a
+    solve that goes non-finite from finite inputs keeps its best finite iterate)."""
+    batch = problem.batch
+    shared_ok = tree_all_finite(_inexact_leaves((problem.ps, problem.st)))
+    ok = (
+        shared_ok
+        & tree_all_finite(_inexact_leaves(problem.x), batched=True)
+        & tree_all_finite(z0, batched=True)
+    )
+    ok = jnp.broadcast_to(ok, (batch,))
+    if problem.joint:  # one coupled problem: a bad sample spoils every sample
+        ok = jnp.broadcast_to(jnp.all(ok), (batch,))
+    z = tree_where(
+        ok, z, jtu.tree_map(lambda leaf: jnp.full_like(leaf, jnp.nan), z), batched=True
+    )
+    result = jnp.where(
+        ok, jnp.broadcast_to(out.result, (batch,)), jnp.int32(RESULTS.nonfinite)
+    )
+    return z, dataclasses.replace(out, z=z, result=result)
+
+
+def _raise_if_unsuccessful(z: PyTree[Array], result: Array) -> PyTree[Array]:
+    """`z`, with a run-time error (under `jit` too) carrying the outcome's message
+    when a sample's solve did not succeed (optimistix's `throw`)."""
+    messages = [
+        f"jaxdeq: a DEQ solve did not succeed (RESULTS.{code.name}): "
+        f"{RESULTS.message(code)}. Build the model with throw=False to get the "
+        "per-sample outcome codes in solution.result instead."
+        for code in RESULTS
+    ]
+    worst = jnp.max(result, initial=RESULTS.successful)
+    return eqx.branched_error_if(z, worst != RESULTS.successful, worst, messages)

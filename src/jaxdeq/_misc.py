@@ -1,5 +1,7 @@
 """Small pytree helpers shared by the solve, the adjoints and the models."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -35,14 +37,18 @@ def accumulation_dtype(dtype) -> jnp.dtype:
     return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
+def _trailing(leaf: Array) -> int:
+    return math.prod(leaf.shape[1:])
+
+
 def sample_sq_norm(tree: PyTree[Array], *, batched: bool) -> Array:
     """Squared 2-norm of a state, per sample: a scalar, or `(batch,)` when `batched`
     (the leading axis of every leaf is the batch). Accumulates in at least float32."""
     total = None
     for leaf in jtu.tree_leaves(tree):
         leaf = leaf.astype(accumulation_dtype(leaf.dtype))
-        if batched:
-            sq = jnp.sum(jnp.square(leaf).reshape(leaf.shape[0], -1), axis=1)
+        if batched:  # (an explicit trailing size: the batch may be empty)
+            sq = jnp.sum(jnp.square(leaf).reshape(leaf.shape[0], _trailing(leaf)), 1)
         else:
             sq = jnp.sum(jnp.square(leaf))
         total = sq if total is None else total + sq
@@ -55,7 +61,7 @@ def tree_all_finite(tree: PyTree[Array], *, batched: bool = False) -> Array:
     out = jnp.array(True)
     for leaf in jtu.tree_leaves(tree):
         if batched:
-            ok = jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1)
+            ok = jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], _trailing(leaf)), 1)
         else:
             ok = jnp.all(jnp.isfinite(leaf))
         out = out & ok

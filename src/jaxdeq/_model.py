@@ -17,6 +17,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
+from ._solution import DeepEquilibriumSolution
 from .nn._core import AbstractLayer
 
 
@@ -32,11 +33,31 @@ def check_input(x: Any) -> None:
         raise ValueError(f"x: every leaf needs the same batch size, got {batch}")
 
 
+def apply_model(
+    model: AbstractLayer, ps, st, x, max_steps, return_solution: bool
+) -> tuple[Any, PyTree, tuple]:
+    """`model.apply` for the framework wrappers: `(output, st, (solution,))`, or
+    `(output, st, ())` without `return_solution`. Only DEQ models take a per-call
+    budget and return a solution; other layers keep the bare protocol."""
+    if not isinstance(return_solution, bool):
+        raise TypeError(f"return_solution: expected a bool, got {return_solution!r}")
+    if max_steps is None and not return_solution:
+        out, st = model.apply(ps, st, x)
+        return out, st, ()
+    kwargs = {"return_solution": True} if return_solution else {}
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    out, st, *solution = model.apply(ps, st, x, **kwargs)
+    return out, st, tuple(solution)
+
+
 class AbstractEquilibriumModel(AbstractLayer):
     """A DEQ model: its cell, initial state and layers, solved by the shared engine.
 
-    `ps` and `st` are dicts; `st` also holds `"key"` (advanced by every `apply`) and
-    `"solution"` (the last call's [`jaxdeq.DeepEquilibriumSolution`][]).
+    `ps` and `st` are dicts. `st` holds what persists between calls and nothing that
+    depends on the batch: the layers' states and `"key"` (advanced by every `apply`).
+    A call's per-sample [`jaxdeq.DeepEquilibriumSolution`][] is returned on request,
+    `apply(..., return_solution=True)`.
     """
 
     config: EquilibriumConfig
@@ -80,14 +101,41 @@ class AbstractEquilibriumModel(AbstractLayer):
         layers_key, state_key = jax.random.split(key)
         ps, st = self._init_layers(layers_key, x)
         st["key"] = state_key
-        st["solution"] = None
-        solution = jax.eval_shape(lambda: self.apply(ps, st, x)[1]["solution"])
-        st["solution"] = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), solution)
+        # Trace (not run) one call: a model that can't take `x` fails here, naming
+        # the argument, rather than at the first `apply`.
+        jax.eval_shape(lambda: self.apply(ps, st, x))
         return ps, st
 
     def apply(
-        self, ps: PyTree, st: PyTree, x: Any, *, max_steps: int | Array | None = None
-    ) -> tuple[Any, PyTree]:
+        self,
+        ps: PyTree,
+        st: PyTree,
+        x: Any,
+        *,
+        max_steps: int | Array | None = None,
+        return_solution: bool = False,
+    ) -> tuple[Any, PyTree] | tuple[Any, PyTree, DeepEquilibriumSolution]:
+        """`(output, st)`, or `(output, st, solution)` with `return_solution=True`.
+
+        **Arguments:**
+
+        - `ps`, `st`: from `init` (or the previous `apply`'s `st`).
+        - `x`: the input, batch-first.
+        - `max_steps`: a per-call step budget, `1 <= max_steps <= model.max_steps`: a
+            Python int, or a traced integer scalar (optimistix-style solvers: no
+            recompilation when it changes; checked at run time).
+        - `return_solution`: also return the call's
+            [`jaxdeq.DeepEquilibriumSolution`][] (per-sample nfe, steps, residuals,
+            outcome codes; the differentiable `jacobian_loss`, `u0` and `states`).
+
+        **Raises:** `ValueError`/`TypeError` for inputs of the wrong structure; at run
+        time (under `jit` too), an error carrying the outcome's message when the model
+        was built with `throw=True` and a sample's solve did not succeed.
+        """
+        if not isinstance(return_solution, bool):
+            raise TypeError(
+                f"return_solution: expected a bool, got {return_solution!r}"
+            )
         check_input(x)
         key, probe_key = jax.random.split(st["key"])
         # Per-forward work of the cell's layers (weight/spectral normalization) runs
@@ -99,7 +147,9 @@ class AbstractEquilibriumModel(AbstractLayer):
             self.config, self._cell, cell_ps, cell_st, x, u0, z0, probe_key, max_steps
         )
         new_st = self._with_cell_state(st, new_cell_st)
-        new_st = dict(new_st, key=key, solution=solution)
+        new_st = dict(new_st, key=key)
         if st_init is not None:
             new_st["init"] = st_init
+        if return_solution:
+            return self._output(z), new_st, solution
         return self._output(z), new_st

@@ -20,14 +20,10 @@ from ._equilibrium import EquilibriumConfig
 from .nn._core import AbstractLayer
 
 
-def _state_specs(st: PyTree, axis: str) -> PyTree:
-    """Per-sample solution leaves are split over `axis`; everything else (the cell's
-    state, the PRNG key, the batch-mean Jacobian loss) is replicated."""
-    specs = jtu.tree_map(lambda _: P(), st)
-    specs["solution"] = jtu.tree_map(
-        lambda leaf: P(axis) if jnp.ndim(leaf) >= 1 else P(), st["solution"]
-    )
-    return specs
+def _solution_specs(solution: PyTree, axis: str) -> PyTree:
+    """Per-sample solution leaves are split over `axis`; the batch-mean Jacobian
+    loss is replicated."""
+    return jtu.tree_map(lambda leaf: P(axis) if jnp.ndim(leaf) >= 1 else P(), solution)
 
 
 def _replicate_where(specs: PyTree, tree: PyTree, axis: str) -> PyTree:
@@ -66,9 +62,9 @@ def shard_map_apply(
     - `axis`: the mesh axis the batch is split over. The batch size must be divisible
         by its size.
 
-    **Returns:** a function `apply(ps, st, x, *, max_steps=None) -> (z, st)` with the
-    signature of `model.apply`, whose `z` and per-sample solution fields are sharded
-    over `axis`.
+    **Returns:** a function `apply(ps, st, x, *, max_steps=None,
+    return_solution=False)` with the signature of `model.apply`, whose `z` and
+    per-sample solution fields are sharded over `axis`.
 
     **Example** (on as many devices as there are; `jax.make_mesh` makes meshes with
     explicit axes by default, and jaxdeq's solvers need automatic ones):
@@ -85,8 +81,10 @@ def shard_map_apply(
     ...                      axis_types=(jax.sharding.AxisType.Auto,))
     >>> x = jnp.ones((4 * n, 2))  # z and solution.nfe come out sharded over "batch"
     >>> ps, st = model.init(jax.random.key(0), x)
-    >>> z, st = jax.jit(jaxdeq.shard_map_apply(model, mesh))(ps, st, x)
-    >>> z.shape == x.shape, bool(jnp.all(st["solution"].result == 0))
+    >>> apply = jax.jit(jaxdeq.shard_map_apply(model, mesh),
+    ...                 static_argnames="return_solution")
+    >>> z, st, solution = apply(ps, st, x, return_solution=True)
+    >>> z.shape == x.shape, bool(jnp.all(solution.result == 0))
     (True, True)
 
     ```
@@ -104,7 +102,7 @@ def shard_map_apply(
     if axis not in mesh.axis_names:
         raise ValueError(f"axis: {axis!r} is not an axis of the mesh {mesh.axis_names}")
 
-    def apply(ps, st, x, *, max_steps=None):
+    def apply(ps, st, x, *, max_steps=None, return_solution=False):
         batch = jtu.tree_leaves(x)[0].shape[0]
         if batch % mesh.shape[axis] != 0:
             raise ValueError(
@@ -112,23 +110,35 @@ def shard_map_apply(
                 f"{mesh.shape[axis]} of the mesh axis {axis!r}"
             )
 
-        specs = _state_specs(st, axis)
+        specs = jtu.tree_map(lambda _: P(), st)
         # A Python-int budget must stay static (diffrax's step cap is), so only a
         # traced budget is passed through the shard_map, replicated.
         static_budget = max_steps is None or isinstance(max_steps, int)
 
         def local(ps, st, x, budget):
             budget = max_steps if static_budget else budget
-            z, new_st = model.apply(ps, st, x, max_steps=budget)
-            return z, _replicate_where(specs, new_st, axis)
+            z, new_st, solution = model.apply(
+                ps, st, x, max_steps=budget, return_solution=True
+            )
+            solution = _replicate_where(_solution_specs(solution, axis), solution, axis)
+            return z, _replicate_where(specs, new_st, axis), solution
 
+        solution_specs = _solution_specs(
+            jax.eval_shape(
+                lambda: model.apply(
+                    ps, st, x, max_steps=max_steps, return_solution=True
+                )
+            )[2],
+            axis,
+        )
         sharded = jax.shard_map(
             local,
             mesh=mesh,
             in_specs=(P(), P(), P(axis), P()),
-            out_specs=(P(axis), specs),
+            out_specs=(P(axis), specs, solution_specs),
             check_vma=False,
         )
-        return sharded(ps, st, x, None if static_budget else max_steps)
+        z, new_st, solution = sharded(ps, st, x, None if static_budget else max_steps)
+        return (z, new_st, solution) if return_solution else (z, new_st)
 
     return apply

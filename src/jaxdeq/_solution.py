@@ -16,12 +16,16 @@ class RESULTS(enum.IntEnum):
 
     - `successful`: the solver's tolerance was met.
     - `max_steps_reached`: the step budget ran out; the lowest-residual iterate seen
-        is returned.
+        is returned (diffrax solvers: the lower-residual of the final and initial
+        states).
     - `diverged`: the solver stopped on a failure of its own (divergence, a failed
         linear solve, an ODE step-size collapse); the lowest-residual iterate seen
-        is returned.
-    - `nonfinite`: the iteration produced NaN or infinity; the lowest-residual finite
-        iterate seen (at worst the initial guess) is returned.
+        is returned (diffrax: as above).
+    - `nonfinite`: either the sample's input, the parameters or the initial state
+        hold NaN or infinity, and the sample's output is NaN (garbage in stays
+        visible); or the iteration itself produced non-finite values from finite
+        inputs, and the lowest-residual finite iterate seen (at worst the initial
+        guess) is returned.
     """
 
     successful = 0
@@ -62,7 +66,8 @@ def first_outcome(cases, default: RESULTS) -> Int[Array, "..."]:
 
 
 class DeepEquilibriumSolution(eqx.Module):
-    """What a DEQ solve found, stored in `st["solution"]` after `apply`.
+    """What a DEQ solve found: `y, st, solution = model.apply(ps, st, x,
+    return_solution=True)`.
 
     **Fields:**
 
@@ -74,8 +79,18 @@ class DeepEquilibriumSolution(eqx.Module):
     - `residual`: `f(z_star, x) - z_star`. Carries gradients.
     - `jacobian_loss`: the Hutchinson estimate of `||J_f(z_star)||_F^2 / numel` when
         `jacobian_regularization` is set, else `0`. Carries gradients.
-    - `nfe`: per-sample number of solver steps (cell evaluations for fixed-point
-        solvers; steps for root-finders and ODE solvers), shape `(batch,)`.
+    - `nfe`: per-sample number of cell evaluations, shape `(batch,)`: one per step
+        of a fixed-point solver (`jaxdeq.Anderson`, `jaxdeq.Broyden`,
+        `optx.FixedPointIteration`); for `optx.Newton` one per step plus its dense
+        Jacobian, counted as `n` evaluations per step (`n` the size of one sample's
+        state, or of the batch's in a joint solve: one forward-mode column each);
+        for `optx.Chord` one per step plus one Jacobian; for a diffrax solver the
+        vector-field evaluations of its stages, the steady-state test (one per
+        step) and the initial step selection (two); plus, when a diffrax solve
+        fails, two for choosing between its final and initial states. With
+        `fixed_depth`, `fixed_depth`.
+    - `steps`: per-sample number of solver steps (attempted ODE steps, rejected ones
+        included, for diffrax), shape `(batch,)`.
     - `result`: per-sample [`jaxdeq.RESULTS`][] code, shape `(batch,)`.
     - `residual_norm`: per-sample 2-norm of `residual`, shape `(batch,)`.
     - `relative_residual_norm`: per-sample `||f(z*) - z*|| / ||f(z*)||`.
@@ -96,6 +111,7 @@ class DeepEquilibriumSolution(eqx.Module):
     residual: PyTree[Array]
     jacobian_loss: Float[Array, ""]
     nfe: Int[Array, " batch"]
+    steps: Int[Array, " batch"]
     result: Int[Array, " batch"]
     residual_norm: Float[Array, " batch"]
     relative_residual_norm: Float[Array, " batch"]

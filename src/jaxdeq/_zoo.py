@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
 from ._multiscale import MultiScaleDeepEquilibriumNetwork
+from ._solution import DeepEquilibriumSolution
 from .nn import Chain, Conv, Dense, NoOpLayer, WrappedFunction, from_flax
 from .nn._core import AbstractLayer
 
@@ -136,7 +137,11 @@ class MDEQImageClassifier(AbstractLayer):
 
     **Parameters:** `{"stem": ..., "deq": ..., "head": ...}`.
 
-    **States:** the same keys; the DEQ's solution is `st["deq"]["solution"]`.
+    **States:** the same keys.
+
+    `apply(ps, st, x, *, max_steps=None, return_solution=False)`: as a DEQ model's;
+    with `return_solution=True` it returns `(logits, st, solution)`, the DEQ's
+    [`jaxdeq.DeepEquilibriumSolution`][].
     """
 
     stem: AbstractLayer
@@ -155,11 +160,24 @@ class MDEQImageClassifier(AbstractLayer):
         ps["head"], st["head"] = self.head.init(head_key, z)
         return ps, st
 
-    def apply(self, ps: dict, st: dict, x: Array) -> tuple[Array, dict]:
+    def apply(
+        self,
+        ps: dict,
+        st: dict,
+        x: Array,
+        *,
+        max_steps: int | Array | None = None,
+        return_solution: bool = False,
+    ) -> tuple[Array, dict] | tuple[Array, dict, DeepEquilibriumSolution]:
         h, stem_st = self.stem.apply(ps["stem"], st["stem"], x)
-        z, deq_st = self.deq.apply(ps["deq"], st["deq"], h)
+        z, deq_st, solution = self.deq.apply(
+            ps["deq"], st["deq"], h, max_steps=max_steps, return_solution=True
+        )
         logits, head_st = self.head.apply(ps["head"], st["head"], z)
-        return logits, {"stem": stem_st, "deq": deq_st, "head": head_st}
+        new_st = {"stem": stem_st, "deq": deq_st, "head": head_st}
+        if return_solution:
+            return logits, new_st, solution
+        return logits, new_st
 
 
 def _zeros_like_output(layer: AbstractLayer, ps, st, x):
@@ -206,8 +224,8 @@ def mdeq_image_classifier(
 
     **Returns:** an `MDEQImageClassifier`; its `apply` maps images
     `(batch, height, width, in_channels)` to logits `(batch, num_classes)`. The DEQ is
-    `model.deq`, its parameters `ps["deq"]` and its solution
-    `st["deq"]["solution"]`.
+    `model.deq`, its parameters `ps["deq"]`; `model.apply(ps, st, x,
+    return_solution=True)` also returns its solution.
 
     **Example:**
 
@@ -218,8 +236,8 @@ def mdeq_image_classifier(
     ...     channels=(4, 8), num_groups=2, max_steps=8)
     >>> x = jnp.ones((2, 8, 8, 1))
     >>> ps, st = model.init(jax.random.key(0), x)
-    >>> logits, st = model.apply(ps, st, x)
-    >>> logits.shape, [z.shape for z in st["deq"]["solution"].z_star]
+    >>> logits, st, solution = model.apply(ps, st, x, return_solution=True)
+    >>> logits.shape, [z.shape for z in solution.z_star]
     ((2, 10), [(2, 8, 8, 4), (2, 4, 4, 8)])
 
     ```

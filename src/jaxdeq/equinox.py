@@ -12,6 +12,7 @@ import jax
 import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from ._model import apply_model
 from .nn._core import AbstractLayer
 
 __all__ = ["DEQ"]
@@ -27,10 +28,13 @@ class DEQ(eqx.Module):
     (exclude it from weight decay with a filter, e.g. `optax.masked`).
 
     A call returns `z*`; `deq(x, return_state=True)` returns `(z*, st)`, the model's
-    new state (the solution `st["solution"]`, which carries gradients, for a Jacobian
-    or skip loss; the advanced PRNG key; updated batch statistics). Modules are
-    immutable, so keep the new state with `eqx.tree_at(lambda d: d.st, deq, st)`;
-    the same pattern as `eqx.nn.State`, where layers return their new state.
+    new state (the advanced PRNG key, updated batch statistics: nothing that depends
+    on the batch, so `eqx.filter(deq, eqx.is_inexact_array)` and optimizer states
+    keep their shapes). Modules are immutable, so keep the new state with
+    `eqx.tree_at(lambda d: d.st, deq, st)`; the same pattern as `eqx.nn.State`, where
+    layers return their new state. `return_solution=True` appends the call's
+    [`jaxdeq.DeepEquilibriumSolution`][] (per-sample nfe, residuals, outcomes; its
+    `jacobian_loss` and `u0` carry gradients, for a Jacobian or skip loss).
 
     The input is batch-first, as everywhere in jaxdeq (the DEQ solves each sample on
     its own, or the batch jointly, itself). Inside a model written for one sample and
@@ -43,8 +47,10 @@ class DEQ(eqx.Module):
     - `x`: a sample input, batch-first, for shapes and dtypes.
     - `key`: the PRNG key for `model.init`.
 
-    **Call:** `deq(x, *, max_steps=None, return_state=False)`; `max_steps` is a
-    per-call iteration budget (DEQ models only).
+    **Call:** `deq(x, *, max_steps=None, return_state=False,
+    return_solution=False)` returns `z*`, `(z*, st)`, `(z*, solution)` or
+    `(z*, st, solution)`; `max_steps` is a per-call iteration budget (DEQ models
+    only).
 
     **Example:**
 
@@ -63,8 +69,8 @@ class DEQ(eqx.Module):
 
     @eqx.filter_value_and_grad(has_aux=True)
     def loss(deq, x):
-        z, st = deq(x, return_state=True)
-        return jnp.mean(z**2) + st["solution"].jacobian_loss, st
+        z, st, solution = deq(x, return_state=True, return_solution=True)
+        return jnp.mean(z**2) + solution.jacobian_loss, st
 
     (value, st), grads = loss(deq, x)
     deq = eqx.tree_at(lambda d: d.st, deq, st)
@@ -91,6 +97,7 @@ class DEQ(eqx.Module):
         *,
         max_steps: int | Array | None = None,
         return_state: bool = False,
+        return_solution: bool = False,
     ) -> Any:
         st = jtu.tree_map(
             lambda leaf: (
@@ -98,8 +105,9 @@ class DEQ(eqx.Module):
             ),
             self.st,
         )
-        if max_steps is None:
-            z, new_st = self.model.apply(self.ps, st, x)
-        else:
-            z, new_st = self.model.apply(self.ps, st, x, max_steps=max_steps)
-        return (z, new_st) if return_state else z
+        z, new_st, solution = apply_model(
+            self.model, self.ps, st, x, max_steps, return_solution
+        )
+        if not (return_state or return_solution):
+            return z
+        return (z, *((new_st,) if return_state else ()), *solution)

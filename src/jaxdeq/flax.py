@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 from jaxtyping import Array
 
+from ._model import apply_model
 from .nn._core import AbstractLayer
 
 __all__ = ["DEQ", "DEQState", "NNXDEQ"]
@@ -24,13 +25,6 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _apply(model: AbstractLayer, ps, st, x, max_steps):
-    # Only DEQ models take a per-call budget; other layers keep the bare protocol.
-    if max_steps is None:
-        return model.apply(ps, st, x)
-    return model.apply(ps, st, x, max_steps=max_steps)
-
-
 class DEQ(linen.Module):
     """A jaxdeq model (any [`jaxdeq.DeepEquilibriumNetwork`][], multiscale model or
     other ps/st layer) as a `flax.linen` module, for use inside a larger linen model.
@@ -38,10 +32,12 @@ class DEQ(linen.Module):
     The model's `ps` are the module's `"params"`, one entry per key of `ps` (a DEQ
     model's `"model"` and, with an init layer, `"init"`), so the usual linen
     `init`/`apply` and optimizers see them. The model's `st` (the cell's own state,
-    such as `batch_stats`, the PRNG key that the model advances, and the
-    `DeepEquilibriumSolution`) lives in the collection `state_collection`, again one
-    entry per key. Apply with that collection mutable to get the updated state and the
-    solution; without it the state is read but not written.
+    such as `batch_stats`, and the PRNG key that the model advances; nothing that
+    depends on the batch) lives in the collection `state_collection`, again one
+    entry per key. Apply with that collection mutable to get the updated state;
+    without it the state is read but not written. A call's
+    `DeepEquilibriumSolution` is returned on request (`return_solution=True`), like
+    any other output of a linen module.
 
     **Arguments:**
 
@@ -54,13 +50,14 @@ class DEQ(linen.Module):
     - `x`: the model's input, batch-first.
     - `max_steps`: (keyword) a per-call iteration budget, passed to the model's
       `apply` (DEQ models only).
+    - `return_solution`: (keyword) also return the call's
+      [`jaxdeq.DeepEquilibriumSolution`][] (DEQ models only).
 
-    **Returns:** the model's output `z*`.
+    **Returns:** the model's output `z*`, or `(z*, solution)`.
 
     **Parameters:** `ps`, under `"params"`.
 
-    **States:** `st`, under `state_collection` (default `"deq_state"`); the solution
-    of the last mutable call is `variables["deq_state"][...]["solution"]`.
+    **States:** `st`, under `state_collection` (default `"deq_state"`).
 
     **Example:**
 
@@ -79,13 +76,14 @@ class DEQ(linen.Module):
         @linen.compact
         def __call__(self, x):
             h = linen.Dense(8)(x)
-            z = jaxdeq.flax.DEQ(block)(h)
-            return linen.Dense(10)(z)
+            z, solution = jaxdeq.flax.DEQ(block)(h, return_solution=True)
+            return linen.Dense(10)(z), solution
 
     x = jnp.ones((4, 64))
     variables = Classifier().init(jax.random.key(0), x)
-    logits, updates = Classifier().apply(variables, x, mutable=["deq_state"])
-    solution = updates["deq_state"]["DEQ_0"]["solution"]
+    (logits, solution), updates = Classifier().apply(
+        variables, x, mutable=["deq_state"])
+    nfe = solution.nfe  # per sample
     variables = {**variables, **updates}
     ```
     """
@@ -105,7 +103,13 @@ class DEQ(linen.Module):
         super().__post_init__()
 
     @linen.compact
-    def __call__(self, x: Any, *, max_steps: int | Array | None = None) -> Any:
+    def __call__(
+        self,
+        x: Any,
+        *,
+        max_steps: int | Array | None = None,
+        return_solution: bool = False,
+    ) -> Any:
         if self.is_initializing():
             ps, st = self.model.init(self.make_rng("params"), x)
             for name, tree in (("ps", ps), ("st", st)):
@@ -126,11 +130,13 @@ class DEQ(linen.Module):
             )
         ps = dict(variables.get("params", {}))
         st = dict(variables[self.state_collection])
-        z, new_st = _apply(self.model, ps, st, x, max_steps)
+        z, new_st, solution = apply_model(
+            self.model, ps, st, x, max_steps, return_solution
+        )
         if self.is_mutable_collection(self.state_collection):
             for name, value in new_st.items():
                 self.put_variable(self.state_collection, name, value)
-        return z
+        return (z, *solution) if return_solution else z
 
 
 class DEQState(nnx.Variable):
@@ -149,9 +155,10 @@ class NNXDEQ(nnx.Module):
     Each array of the model's `ps` is an `nnx.Param` (in the pytree structure of
     `ps`), so `nnx.grad`, `nnx.Optimizer(..., wrt=nnx.Param)` and `nnx.split` treat
     them as any NNX parameters. The model's `st` is one [`jaxdeq.flax.DEQState`][]
-    variable, updated by every call (NNX modules are stateful): after a call,
-    `module.st.get_value()["solution"]` is the `DeepEquilibriumSolution`, carrying
-    gradients when read inside the loss function (for a Jacobian or skip loss).
+    variable, updated by every call (NNX modules are stateful); it holds nothing that
+    depends on the batch. `module(x, return_solution=True)` returns `(z*, solution)`,
+    the call's `DeepEquilibriumSolution`, which carries gradients inside a loss
+    function (for a Jacobian or skip loss).
 
     **Arguments:**
 
@@ -163,8 +170,10 @@ class NNXDEQ(nnx.Module):
 
     - `x`: the model's input, batch-first.
     - `max_steps`: (keyword) a per-call iteration budget (DEQ models only).
+    - `return_solution`: (keyword) also return the call's
+      [`jaxdeq.DeepEquilibriumSolution`][] (DEQ models only).
 
-    **Returns:** the model's output `z*`.
+    **Returns:** the model's output `z*`, or `(z*, solution)`.
 
     **Example:**
 
@@ -190,7 +199,8 @@ class NNXDEQ(nnx.Module):
 
     net = Classifier(nnx.Rngs(0))
     logits = net(jnp.ones((4, 64)))
-    nfe = net.deq.st.get_value()["solution"].nfe
+    z, solution = net.deq(jnp.ones((4, 8)), return_solution=True)
+    nfe = solution.nfe  # per sample
     ```
     """
 
@@ -203,8 +213,16 @@ class NNXDEQ(nnx.Module):
         self.ps = nnx.data(jax.tree.map(nnx.Param, ps))
         self.st = DEQState(st)
 
-    def __call__(self, x: Any, *, max_steps: int | Array | None = None) -> Any:
+    def __call__(
+        self,
+        x: Any,
+        *,
+        max_steps: int | Array | None = None,
+        return_solution: bool = False,
+    ) -> Any:
         ps = jax.tree.map(lambda p: p.get_value(), self.ps, is_leaf=_is_variable)
-        z, st = _apply(self.model, ps, self.st.get_value(), x, max_steps)
+        z, st, solution = apply_model(
+            self.model, ps, self.st.get_value(), x, max_steps, return_solution
+        )
         self.st.set_value(st)
-        return z
+        return (z, *solution) if return_solution else z

@@ -9,6 +9,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Bool, Int, PyTree, Scalar
 
@@ -79,9 +80,23 @@ def ravel(tree: PyTree[Array]) -> tuple[Array, Callable[[Array], PyTree[Array]]]
     return flat, unravel
 
 
+def check_tolerance(solver: str, name: str, value: Any) -> None:
+    """A tolerance is a real number >= 0 (or an array, e.g. traced)."""
+    if isinstance(value, (bool, str)) or not isinstance(
+        value, (int, float, jax.Array, np.ndarray, np.floating)
+    ):
+        raise TypeError(
+            f"`{solver}({name}=...)` must be a real number >= 0, got {value!r}."
+        )
+    if isinstance(value, (int, float)) and not value >= 0:
+        raise ValueError(f"`{solver}({name}=...)` must be >= 0, got {value!r}.")
+
+
 def check_common_options(
-    solver: str, termination: str, divergence_factor: float
+    solver: str, rtol: Any, atol: Any, termination: str, divergence_factor: float
 ) -> None:
+    check_tolerance(solver, "rtol", rtol)
+    check_tolerance(solver, "atol", atol)
     if termination not in TERMINATIONS:
         raise ValueError(
             f"`{solver}(termination=...)` must be one of {TERMINATIONS}, got "
@@ -151,18 +166,18 @@ class Progress(eqx.Module, Generic[Y, Aux]):
     def terminate(
         self, divergence_factor: float
     ) -> tuple[Bool[Array, ""], optx.RESULTS]:
-        """Stop once the latest evaluation has converged (`error < 1`), or when it is
-        non-finite or larger than `divergence_factor` times the best one."""
+        """Stop once the latest evaluation has converged (`error < 1`), is non-finite
+        (`optx.RESULTS.nonfinite`, as optimistix's own solvers report it), or is
+        larger than `divergence_factor` times the best one
+        (`optx.RESULTS.nonlinear_divergence`)."""
         converged = self.error < 1
-        diverged = (
-            (self.num_steps > 0)
-            & jnp.invert(converged)
-            & (
-                jnp.invert(jnp.isfinite(self.residual_norm))
-                | (self.residual_norm > divergence_factor * self.best_residual_norm)
-            )
+        started = (self.num_steps > 0) & jnp.invert(converged)
+        nonfinite = started & jnp.invert(jnp.isfinite(self.residual_norm))
+        diverged = started & (
+            self.residual_norm > divergence_factor * self.best_residual_norm
         )
         result = optx.RESULTS.where(
             diverged, optx.RESULTS.nonlinear_divergence, optx.RESULTS.successful
         )
-        return converged | diverged, result
+        result = optx.RESULTS.where(nonfinite, optx.RESULTS.nonfinite, result)
+        return converged | diverged | nonfinite, result

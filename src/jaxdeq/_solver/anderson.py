@@ -8,7 +8,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, PyTree, Scalar
 
-from .._misc import tree_all_finite, tree_where
+from .._misc import accumulation_dtype, tree_all_finite, tree_where
 from ._common import (
     Aux,
     Progress,
@@ -43,7 +43,11 @@ def _mixing_weights(
     most `(memory + ridge) / ridge` whatever the scale of the residuals. Invalid slots
     get an identity row and a zero right-hand side, so their weight is exactly zero.
     A zero residual keeps scale 1, so it gets (correctly) almost all of the weight.
+    The small system is solved in at least float32 (LAPACK has no half precision).
     """
+    out_dtype = gram.dtype
+    gram = gram.astype(accumulation_dtype(out_dtype))
+    fallback = fallback.astype(gram.dtype)
     both_valid = valid[:, None] & valid[None, :]
     diagonal = jnp.diagonal(gram)
     scale = jnp.sqrt(jnp.where(valid & (diagonal > 0), diagonal, 1))
@@ -54,7 +58,8 @@ def _mixing_weights(
     weights = jnp.linalg.solve(matrix, rhs) / scale
     total = jnp.sum(weights)
     ok = jnp.all(jnp.isfinite(weights)) & (total > 0)
-    return jnp.where(ok, weights / jnp.where(ok, total, 1), fallback)
+    weights = jnp.where(ok, weights / jnp.where(ok, total, 1), fallback)
+    return weights.astype(out_dtype)
 
 
 class Anderson(optx.AbstractFixedPointSolver[Y, Aux, _AndersonState]):
@@ -147,7 +152,9 @@ class Anderson(optx.AbstractFixedPointSolver[Y, Aux, _AndersonState]):
             raise ValueError(
                 f"`Anderson(damping=...)` must be > 0, got {self.damping}."
             )
-        check_common_options("Anderson", self.termination, self.divergence_factor)
+        check_common_options(
+            "Anderson", self.rtol, self.atol, self.termination, self.divergence_factor
+        )
 
     def init(
         self,

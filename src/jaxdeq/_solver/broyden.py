@@ -138,7 +138,9 @@ class Broyden(optx.AbstractRootFinder[Y, Y, Aux, _BroydenState]):
             raise TypeError(
                 f"`Broyden(line_search=...)` must be a bool, got {self.line_search!r}."
             )
-        check_common_options("Broyden", self.termination, self.divergence_factor)
+        check_common_options(
+            "Broyden", self.rtol, self.atol, self.termination, self.divergence_factor
+        )
 
     def init(
         self,
