@@ -25,7 +25,15 @@ from jaxdeq import nn
 NUM_DEVICES = 4
 BATCH = 8
 WIDTH = 4
-CASES = ("per_sample", "joint", "shard_map", "multiscale", "multiscale_shard_map")
+CASES = (
+    "per_sample",
+    "joint",
+    "shard_map",
+    "multiscale",
+    "multiscale_shard_map",
+    "explicit_mesh",
+    "explicit_mesh_multiscale",
+)
 TOLERANCE = 1e-10  # float64; the sharded programs only reassociate sums
 
 CALLBACK_TARGET = re.compile(r"callback|host", re.IGNORECASE)
@@ -201,6 +209,13 @@ def _checks() -> dict:
     multiscale = _multiscale_model()
     x_multi = jax.random.normal(jax.random.key(4), (BATCH, 3))
     results["multiscale"] = _compare(multiscale, x_multi, mesh, P("batch"))
+    # `jax.make_mesh`'s default axes are Explicit: sharding is part of the type.
+    explicit = jax.make_mesh((len(devices),), ("batch",))
+    results["explicit_axis_types"] = [str(t) for t in explicit.axis_types]
+    results["explicit_mesh"] = _compare(per_sample, x, explicit, P("batch"))
+    results["explicit_mesh_multiscale"] = _compare(
+        multiscale, x_multi, explicit, P("batch")
+    )
     results["multiscale_shard_map"] = _compare(
         multiscale,
         x_multi,
@@ -224,6 +239,10 @@ def sharded():
     )
     assert done.returncode == 0, done.stderr[-6000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_default_mesh_has_explicit_axes(sharded):
+    assert sharded["explicit_axis_types"] == ["AxisType.Explicit"]
 
 
 def test_subprocess_has_four_devices(sharded):

@@ -169,10 +169,13 @@ class OptimistixBackend(AbstractBackend):
             state = eqx.combine(c.solver_state, static_state)
             y, state, (y_eval, sq) = solver.step(fn, c.y, args, options, state, tags)
             done, result = solver.terminate(fn, y, args, options, state, tags)
-            # A non-finite proposal can't be evaluated: the solve is over. A solve
-            # that already stopped keeps its own verdict.
+            # A non-finite evaluation, or a non-finite proposal (which can't be
+            # evaluated), ends the solve as `nonfinite`; a solve that stopped at a
+            # finite evaluation keeps its own verdict.
             result = optx.RESULTS.where(
-                done | tree_all_finite(y), result, optx.RESULTS.nonfinite
+                jnp.all(jnp.isfinite(sq)) & (done | tree_all_finite(y)),
+                result,
+                optx.RESULTS.nonfinite,
             )
             better = sq < c.best_sq  # False for NaN: a non-finite iterate is never best
             residual_trace = c.residual_trace
@@ -462,8 +465,8 @@ def _unexpected_keywords(unknown, allowed, model_keywords, accepted_by) -> TypeE
         hint = f"; did you mean {close[0]!r}?" if close else ""
         lines.append(f"unexpected keyword argument {name!r}{hint}")
     return TypeError(
-        "; ".join(lines) + f". Solver options accepted by {accepted_by}: "
-        f"{tuple(allowed)}; model keywords: {tuple(model_keywords)}"
+        "; ".join(lines) + f" (solver options accepted by {accepted_by}: "
+        f"{tuple(allowed)}; model keywords: {tuple(model_keywords)})"
     )
 
 

@@ -9,11 +9,13 @@ backend -> solver, with the gradient mode around it) -> the new state.
 """
 
 import abc
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
@@ -49,6 +51,34 @@ def apply_model(
         kwargs["max_steps"] = max_steps
     out, st, *solution = model.apply(ps, st, x, **kwargs)
     return out, st, tuple(solution)
+
+
+def _on_auto_axes(fn: Callable, args: tuple) -> Any:
+    """`fn(*args)`, run with the mesh axes automatic when `x` (the last argument) is
+    sharded over explicit axes, as `jax.make_mesh` makes them by default: the
+    per-sample solve is a `vmap` of a loop whose buffers start unsharded, which
+    explicit sharding types reject. Outputs that lead with the batch axis (the
+    state and the solution) come back split over the input's batch axes; the rest
+    (`st`, batch means) replicated."""
+    leaf = jtu.tree_leaves(args[-1])[0]
+    sharding = jax.typeof(leaf).sharding
+    mesh = sharding.mesh
+    if mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return fn(*args)
+    batch_axes = sharding.spec[0] if len(sharding.spec) else None
+    batch = jnp.shape(leaf)[0]
+    # (shapes only: the structs carry no sharding, so `fn` traces as unsharded)
+    out_struct = jax.eval_shape(
+        fn, *jtu.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        out_st = jtu.tree_map(lambda _: P(), out_struct[1])
+        out_specs = jtu.tree_map(
+            lambda s: P(batch_axes) if s.ndim and s.shape[0] == batch else P(),
+            (out_struct[0], out_struct[2]),
+        )
+        out_sharding = (out_specs[0], out_st, out_specs[1])
+        return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(*args)
 
 
 class AbstractEquilibriumModel(AbstractLayer):
@@ -137,6 +167,12 @@ class AbstractEquilibriumModel(AbstractLayer):
                 f"return_solution: expected a bool, got {return_solution!r}"
             )
         check_input(x)
+        out = _on_auto_axes(
+            lambda ps, st, x: self._apply(ps, st, x, max_steps), (ps, st, x)
+        )
+        return out if return_solution else out[:2]
+
+    def _apply(self, ps, st, x, max_steps):
         key, probe_key = jax.random.split(st["key"])
         # Per-forward work of the cell's layers (weight/spectral normalization) runs
         # once here, not at every solver iteration; see `AbstractLayer.prepare`.
@@ -150,6 +186,4 @@ class AbstractEquilibriumModel(AbstractLayer):
         new_st = dict(new_st, key=key)
         if st_init is not None:
             new_st["init"] = st_init
-        if return_solution:
-            return self._output(z), new_st, solution
-        return self._output(z), new_st
+        return self._output(z), new_st, solution
