@@ -101,7 +101,10 @@ def _spec(array):
     sharding = array.sharding
     if not isinstance(sharding, NamedSharding):
         return repr(sharding)
-    return [list(s) if isinstance(s, tuple) else s for s in sharding.spec]
+    spec = [list(s) if isinstance(s, tuple) else s for s in sharding.spec]
+    while spec and spec[-1] is None:  # P("batch", None) is P("batch")
+        spec.pop()
+    return spec
 
 
 def _compare(model, x, mesh, spec, apply=None):

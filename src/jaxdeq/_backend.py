@@ -211,7 +211,14 @@ class OptimistixBackend(AbstractBackend):
         y, _, _ = solver.postprocess(
             fn, c.y, (c.best_z, c.best_sq), args, options, state, tags, c.result
         )
-        z = tree_where(converged, y, c.best_z)
+        # The solver's answer on success (e.g. the last proposal), unless it is
+        # not finite: then the evaluated iterate at which the solve converged.
+        z = tree_where(
+            converged & tree_all_finite(y, batched=batched),
+            y,
+            c.best_z,
+            batched=batched,
+        )
         code = first_outcome(
             [
                 (converged, RESULTS.successful),
@@ -254,22 +261,18 @@ def _evaluations_per_step(solver, size: int) -> tuple[int, int]:
     return 0, 1
 
 
-def _diffrax_evaluations(
-    solver: diffrax.AbstractSolver, initial_step: bool, steps: Array
-) -> Array:
-    """Vector-field evaluations of a steady-state or neural-ODE integration of
-    `steps` attempted steps: the solver's stages (an explicit Runge-Kutta method
-    evaluates `len(c) + 1` stages per step, one fewer when the last stage is reused
-    (FSAL), which costs one evaluation at the start; Euler one), plus two to select
-    the initial step when diffrax chooses it. Implicit solvers' inner Newton
-    iterations are not counted."""
+def _diffrax_evaluations(solver: diffrax.AbstractSolver, steps: Array) -> Array:
+    """Vector-field evaluations of the stages of `steps` attempted steps: an
+    explicit Runge-Kutta method evaluates `len(c) + 1` stages per step, one fewer
+    when the last stage is reused (FSAL), which costs one evaluation at the start;
+    Euler one. Implicit solvers' inner Newton iterations are not counted."""
     start, per_step = 0, 1
     tableau = getattr(solver, "tableau", None)
     if isinstance(tableau, diffrax.ButcherTableau):
         per_step = len(tableau.c) + 1
         if tableau.fsal:
             start, per_step = 1, per_step - 1
-    return (start + 2 * initial_step + per_step * steps).astype(jnp.int32)
+    return (start + per_step * steps).astype(jnp.int32)
 
 
 class DiffraxBackend(AbstractBackend):
@@ -332,10 +335,6 @@ class DiffraxBackend(AbstractBackend):
             return diffrax.PIDController(rtol=rtol, atol=atol)
         return diffrax.ConstantStepSize()
 
-    def _initial_step(self) -> bool:
-        """Whether diffrax chooses the initial step (two extra evaluations)."""
-        return self.dt0 is None
-
     def _dt0(self):
         if self.dt0 is None and not isinstance(
             self._controller(), diffrax.PIDController
@@ -393,7 +392,7 @@ class DiffraxBackend(AbstractBackend):
             ],
             RESULTS.diverged,
         )
-        if f is not None:
+        if f is not None:  # (two evaluations: counted)
             z_sq = sample_sq_norm(tree_sub(f(z, args), z), batched=False)
             z0_sq = sample_sq_norm(tree_sub(f(z0, args), z0), batched=False)
             keep = reached | (finite & (z_sq <= z0_sq))
@@ -418,11 +417,10 @@ class DiffraxBackend(AbstractBackend):
         rtol, atol, norm = self._tolerances()
         event = diffrax.Event(diffrax.steady_state_event(rtol, atol, norm))
         sol = self._diffeqsolve(f, z0, args, jnp.inf, max_steps, event=event)
-        steps = sol.stats["num_steps"]
-        # steady_state_event evaluates the vector field once per step.
-        evaluations = _diffrax_evaluations(
-            self.solver, self._initial_step(), steps
-        ) + steps.astype(jnp.int32)
+        steps = sol.stats["num_steps"].astype(jnp.int32)
+        # steady_state_event evaluates the vector field at the start and after
+        # every step.
+        evaluations = _diffrax_evaluations(self.solver, steps) + steps + 1
         return self._outcome(
             f, args, sol, z0, diffrax.is_event(sol.result), evaluations
         )
@@ -433,9 +431,7 @@ class DiffraxBackend(AbstractBackend):
         """The neural ODE: `z(1)` of `dz/dt = f(z, x) - z`, `z(0) = z0`,
         differentiated by diffrax's own adjoint."""
         sol = self._diffeqsolve(f, z0, args, 1.0, max_steps)
-        evaluations = _diffrax_evaluations(
-            self.solver, self._initial_step(), sol.stats["num_steps"]
-        )
+        evaluations = _diffrax_evaluations(self.solver, sol.stats["num_steps"])
         out = self._outcome(
             None, args, sol, z0, diffrax.is_successful(sol.result), evaluations
         )

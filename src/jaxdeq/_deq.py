@@ -72,19 +72,33 @@ class DeepEquilibriumNetwork(AbstractEquilibriumModel):
     - `sample_states`: store that many iterates of the solve, evenly spaced over
         `max_steps`, in `solution.states`, each with a one-step gradient, for
         [`jaxdeq.fixed_point_correction_loss`][] (optimistix-style solvers only).
+    - `throw`: raise at run time (under `jit` too) when a sample's solve does not
+        succeed, with the outcome's message (optimistix's convention). `False`
+        (default): read the outcome in `solution.result`.
     - `**solver_options`: for diffrax solvers `rtol`, `atol` (steady-state test and
-        the default `PIDController`), `dt0`, `stepsize_controller`; for optimistix
-        solvers `options` (their tolerances live on the solver). Unknown options are
-        an error.
+        the default `PIDController`; default: the user's `stepsize_controller`'s,
+        else `1e-4`/`1e-6`), `dt0`, `stepsize_controller`; for optimistix solvers
+        `options` (a dict; the keys the solver reads, checked for jaxdeq's and
+        optimistix's solvers; their tolerances live on the solver). Unknown options
+        and misspelt keywords are a `TypeError` naming the keyword meant.
 
     **Inputs:** `x`, batch-first.
 
-    **Returns:** `(z*, st)`; `st["solution"]` is a [`jaxdeq.DeepEquilibriumSolution`][].
+    **Returns:** `(z*, st)`, or `(z*, st, solution)` with
+    `apply(..., return_solution=True)`: a [`jaxdeq.DeepEquilibriumSolution`][].
 
     **Parameters:** `{"model": ..., "init": ...}` (`"init"` only with an init layer).
 
-    **States:** `{"model": ..., "init": ..., "key": ..., "solution": ...}`: the key
-    is advanced by every `apply` (fresh Jacobian-regularization probes).
+    **States:** `{"model": ..., "init": ..., "key": ...}`, nothing shaped by the
+    batch: the key is advanced by every `apply` (fresh Jacobian-regularization
+    probes).
+
+    **Option pairs.** `fixed_depth > 0` unrolls every problem type, the neural ODE
+    included, and ignores `adjoint` (plain backpropagation; the adjoint applies once
+    `fixed_depth` is 0); a per-call `max_steps` or `trace=True` with it is an
+    error, as is an `adjoint` with `problem_type="ode"` (diffrax differentiates
+    the ODE). A diffrax solver's per-call `max_steps` must be a Python int: its
+    step cap is static, so each budget compiles once.
 
     **Example:**
 
@@ -96,9 +110,9 @@ class DeepEquilibriumNetwork(AbstractEquilibriumModel):
     ...                 nn.Dense(2, 2, use_bias=False)),
     ...     diffrax.Tsit5())
     >>> ps, st = model.init(jax.random.key(0), jnp.ones((1, 2)))
-    >>> y, st = model.apply(ps, st, jnp.ones((1, 2)))
-    >>> y.shape
-    (1, 2)
+    >>> y, st, solution = model.apply(ps, st, jnp.ones((1, 2)), return_solution=True)
+    >>> y.shape, solution.result.tolist()
+    ((1, 2), [0])
 
     ```
     """
@@ -122,6 +136,8 @@ class DeepEquilibriumNetwork(AbstractEquilibriumModel):
         joint_solve: bool = False,
         trace: bool = False,
         sample_states: int = 0,
+        compute_dtype: Any = None,
+        throw: bool = False,
         **solver_options,
     ):
         if not isinstance(model, AbstractLayer):
@@ -141,6 +157,8 @@ class DeepEquilibriumNetwork(AbstractEquilibriumModel):
             joint_solve=joint_solve,
             trace=trace,
             sample_states=sample_states,
+            compute_dtype=compute_dtype,
+            throw=throw,
             **solver_options,
         )
 

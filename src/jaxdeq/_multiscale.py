@@ -152,21 +152,23 @@ class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
         map from zeros) or a tuple of `N` layers (Skip DEQ: `z0_i = init[i](x)`).
     - every other keyword argument of [`jaxdeq.DeepEquilibriumNetwork`][]
         (`jacobian_regularization`, `problem_type`, `adjoint`, `max_steps`,
-        `fixed_depth`, `joint_solve`, `trace`, solver options), with the same meaning
-        on the tuple state (norms, residuals and Jacobian estimates span all scales).
+        `fixed_depth`, `joint_solve`, `trace`, `sample_states`, `compute_dtype`,
+        `throw`, solver options), with the same meaning on the tuple state (norms,
+        residuals and Jacobian estimates span all scales).
 
     **Inputs:** `x`, batch-first; the input of `main_layers[0]` beside `z_0`.
 
     **Returns:** `(z*, st)`: `z*` a tuple of arrays of shapes `(batch, *scales[i])`;
-    `st["solution"]` a [`jaxdeq.DeepEquilibriumSolution`][] whose `z_star`, `u0` and
-    `residual` are tuples over scales too.
+    with `apply(..., return_solution=True)` also a
+    [`jaxdeq.DeepEquilibriumSolution`][] whose `z_star`, `u0` and `residual` are
+    tuples over scales too.
 
     **Parameters:** `{"main": (...), "mapping": ((...), ...), "post_fuse": (...),
     "init": (...)}`: tuples by position like the layers; `"post_fuse"` only with
     post-fuse layers, `"init"` only with init layers.
 
     **States:** the same keys, plus `"key"` (advanced by every `apply`: fresh
-    Jacobian-regularization probes) and `"solution"`.
+    Jacobian-regularization probes); nothing shaped by the batch.
 
     **Example:** the seed's example (batch-first):
 
@@ -212,7 +214,17 @@ class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
         scales: Sequence[Sequence[int]],
         *,
         init: Literal["zeros"] | Sequence[AbstractLayer] | None = "zeros",
-        **kwargs,
+        jacobian_regularization: str | None = None,
+        problem_type: str = "steady_state",
+        adjoint=None,
+        max_steps: int = 32,
+        fixed_depth: int = 0,
+        joint_solve: bool = False,
+        trace: bool = False,
+        sample_states: int = 0,
+        compute_dtype: Any = None,
+        throw: bool = False,
+        **solver_options,
     ):
         self.main_layers = _layer_tuple("main_layers", main_layers, None)
         n = len(self.main_layers)
@@ -227,7 +239,20 @@ class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
         )
         self.init_mode, self.init_layers = _resolve_init(init, n)
         # The solve settings are exactly the single-scale model's, validated there.
-        self.config = EquilibriumConfig(solver, **kwargs)
+        self.config = EquilibriumConfig(
+            solver,
+            jacobian_regularization=jacobian_regularization,
+            problem_type=problem_type,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            fixed_depth=fixed_depth,
+            joint_solve=joint_solve,
+            trace=trace,
+            sample_states=sample_states,
+            compute_dtype=compute_dtype,
+            throw=throw,
+            **solver_options,
+        )
 
     cell_name: ClassVar[str] = "main_layers"
 

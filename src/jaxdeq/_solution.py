@@ -85,10 +85,11 @@ class DeepEquilibriumSolution(eqx.Module):
         Jacobian, counted as `n` evaluations per step (`n` the size of one sample's
         state, or of the batch's in a joint solve: one forward-mode column each);
         for `optx.Chord` one per step plus one Jacobian; for a diffrax solver the
-        vector-field evaluations of its stages, the steady-state test (one per
-        step) and the initial step selection (two); plus, when a diffrax solve
-        fails, two for choosing between its final and initial states. With
-        `fixed_depth`, `fixed_depth`.
+        vector-field evaluations of its stages (explicit Runge-Kutta methods and
+        Euler; implicit solvers' inner iterations are not counted), plus, for a
+        steady state, the steady-state test (at the start and after each step)
+        and two for choosing the lower-residual of the final and initial states.
+        With `fixed_depth`, `fixed_depth`.
     - `steps`: per-sample number of solver steps (attempted ODE steps, rejected ones
         included, for diffrax), shape `(batch,)`.
     - `result`: per-sample [`jaxdeq.RESULTS`][] code, shape `(batch,)`.
