@@ -429,12 +429,11 @@ def test_mdeq_image_classifier(getkey):
 
     @jax.jit
     def loss(ps):
-        logits, st_new = model.apply(ps, st, x)
-        return jnp.mean(logits**2), (logits, st_new)
+        logits, st_new, sol = model.apply(ps, st, x, return_solution=True)
+        return jnp.mean(logits**2), (logits, st_new, sol)
 
-    (value, (logits, st_new)), g = jax.value_and_grad(loss, has_aux=True)(ps)
+    (value, (logits, st_new, sol)), g = jax.value_and_grad(loss, has_aux=True)(ps)
     assert logits.shape == (2, 3) and logits.dtype == jnp.float32
-    sol = st_new["deq"]["solution"]
     assert [z.shape for z in sol.z_star] == [(2, 4, 8, 2), (2, 2, 4, 4)]
     assert np.all(sol.nfe <= 6) and np.all(np.isfinite(sol.residual_norm))
     assert jtu.tree_structure(st_new) == jtu.tree_structure(st)

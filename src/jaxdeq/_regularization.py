@@ -111,7 +111,7 @@ def fixed_point_correction_loss(
     - `loss_fn`: maps one state (batch first, shaped like `z*`) to a scalar loss,
         e.g. `lambda z: cross_entropy(head(z), labels)`.
     - `states`: a pytree whose leaves have a leading axis of length `K`, e.g.
-        `st["solution"].states` of a model built with `sample_states=K` (each
+        `solution.states` of a model built with `sample_states=K` (each
         state carries a one-step gradient to the cell's parameters).
     - `gamma`: the weighting's parameter, in `(0, 1]` for `"exp"`.
     - `weighting`: `"exp"` (default), `"linear"` or `"constant"`.
@@ -130,8 +130,8 @@ def fixed_point_correction_loss(
     >>> x = jnp.ones((2, 3))
     >>> ps, st = model.init(jax.random.key(0), x)
     >>> def loss(ps):
-    ...     z, new_st = model.apply(ps, st, x)
-    ...     states = new_st["solution"].states
+    ...     z, new_st, solution = model.apply(ps, st, x, return_solution=True)
+    ...     states = solution.states
     ...     return jaxdeq.fixed_point_correction_loss(lambda z: jnp.mean(z**2), states)
     >>> grads = jax.grad(loss)(ps)
 
@@ -175,7 +175,8 @@ def skip_loss(solution: "DeepEquilibriumSolution") -> Float[Array, ""]:
 
     **Arguments:**
 
-    - `solution`: a [`jaxdeq.DeepEquilibriumSolution`][], e.g. `st["solution"]`.
+    - `solution`: a [`jaxdeq.DeepEquilibriumSolution`][], as returned by
+        `model.apply(ps, st, x, return_solution=True)`.
 
     **Returns:** a scalar.
 
@@ -190,8 +191,8 @@ def skip_loss(solution: "DeepEquilibriumSolution") -> Float[Array, ""]:
     ...     cell, nn.Dense(3, 3), optx.FixedPointIteration(rtol=1e-4, atol=1e-4))
     >>> x = jnp.ones((2, 3))
     >>> ps, st = model.init(jax.random.key(0), x)
-    >>> _, st = model.apply(ps, st, x)
-    >>> bool(jaxdeq.skip_loss(st["solution"]) >= 0)
+    >>> _, st, solution = model.apply(ps, st, x, return_solution=True)
+    >>> bool(jaxdeq.skip_loss(solution) >= 0)
     True
 
     ```
@@ -225,7 +226,7 @@ def spectral_radius(
     **Arguments:**
 
     - `f`: the map, e.g. `lambda z: cell.apply(ps, st, (z, x))[0]`.
-    - `z`: the point, e.g. `st["solution"].z_star` (a pytree of arrays).
+    - `z`: the point, e.g. `solution.z_star` (a pytree of arrays).
     - `key`: a PRNG key for the starting vector.
     - `steps`: power-iteration steps (static).
     - `per_sample`: if `True`, the leading axis of every leaf is a batch of
