@@ -86,10 +86,10 @@ def check_tolerance(solver: str, name: str, value: Any) -> None:
         value, (int, float, jax.Array, np.ndarray, np.floating)
     ):
         raise TypeError(
-            f"`{solver}({name}=...)` must be a real number >= 0, got {value!r}."
+            f"{solver}({name}=...): expected a real number >= 0, got {value!r}"
         )
     if isinstance(value, (int, float)) and not value >= 0:
-        raise ValueError(f"`{solver}({name}=...)` must be >= 0, got {value!r}.")
+        raise ValueError(f"{solver}({name}=...): expected >= 0, got {value!r}")
 
 
 def check_common_options(
@@ -99,12 +99,12 @@ def check_common_options(
     check_tolerance(solver, "atol", atol)
     if termination not in TERMINATIONS:
         raise ValueError(
-            f"`{solver}(termination=...)` must be one of {TERMINATIONS}, got "
-            f"{termination!r}."
+            f"{solver}(termination=...): expected one of {TERMINATIONS}, got "
+            f"{termination!r}"
         )
     if isinstance(divergence_factor, (int, float)) and not divergence_factor > 1:
         raise ValueError(
-            f"`{solver}(divergence_factor=...)` must be > 1, got {divergence_factor}."
+            f"{solver}(divergence_factor=...): expected > 1, got {divergence_factor}"
         )
 
 

@@ -142,16 +142,18 @@ class Anderson(optx.AbstractFixedPointSolver[Y, Aux, _AndersonState]):
     divergence_factor: float = 1e4
 
     def __check_init__(self):
-        if not isinstance(self.memory, int) or self.memory < 1:
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int):
+            raise TypeError(
+                f"Anderson(memory=...): expected a positive int, got {self.memory!r}"
+            )
+        if self.memory < 1:
             raise ValueError(
-                f"`Anderson(memory=...)` must be a positive int, got {self.memory!r}."
+                f"Anderson(memory=...): expected a positive int, got {self.memory!r}"
             )
         if isinstance(self.ridge, (int, float)) and not self.ridge > 0:
-            raise ValueError(f"`Anderson(ridge=...)` must be > 0, got {self.ridge}.")
+            raise ValueError(f"Anderson(ridge=...): expected > 0, got {self.ridge}")
         if isinstance(self.damping, (int, float)) and not self.damping > 0:
-            raise ValueError(
-                f"`Anderson(damping=...)` must be > 0, got {self.damping}."
-            )
+            raise ValueError(f"Anderson(damping=...): expected > 0, got {self.damping}")
         check_common_options(
             "Anderson", self.rtol, self.atol, self.termination, self.divergence_factor
         )

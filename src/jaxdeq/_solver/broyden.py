@@ -132,11 +132,11 @@ class Broyden(optx.AbstractRootFinder[Y, Y, Aux, _BroydenState]):
     def __check_init__(self):
         if not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(
-                f"`Broyden(memory=...)` must be a positive int, got {self.memory!r}."
+                f"Broyden(memory=...): expected a positive int, got {self.memory!r}"
             )
         if not isinstance(self.line_search, bool):
             raise TypeError(
-                f"`Broyden(line_search=...)` must be a bool, got {self.line_search!r}."
+                f"Broyden(line_search=...): expected a bool, got {self.line_search!r}"
             )
         check_common_options(
             "Broyden", self.rtol, self.atol, self.termination, self.divergence_factor
