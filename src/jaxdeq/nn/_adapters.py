@@ -38,14 +38,14 @@ def _freeze_kwargs(call_kwargs: Mapping[str, Any] | None) -> tuple:
         isinstance(name, str) for name in call_kwargs
     ):
         raise TypeError(
-            f"`call_kwargs` must be a mapping from keyword names to values, got "
-            f"{call_kwargs!r}."
+            f"call_kwargs: expected a mapping from keyword names to values, got "
+            f"{call_kwargs!r}"
         )
     for name, value in call_kwargs.items():
         if not isinstance(value, Hashable):
             raise TypeError(
-                f"`call_kwargs[{name!r}]` must be hashable (static configuration such "
-                f"as `train=True`), got {type(value)}."
+                f"call_kwargs[{name!r}]: expected a hashable value (static "
+                f"configuration such as `train=True`), got {type(value)}"
             )
     return tuple(sorted(call_kwargs.items()))
 
@@ -140,7 +140,7 @@ def from_flax(
     ```
     """
     if not isinstance(module, linen.Module):
-        raise TypeError(f"`module` must be a flax.linen.Module, got {type(module)}.")
+        raise TypeError(f"module: expected a flax.linen.Module, got {type(module)}")
     return _FlaxLayer(module, _freeze_kwargs(call_kwargs))
 
 
@@ -221,7 +221,7 @@ def from_nnx(
     ```
     """
     if not isinstance(module, nnx.Module):
-        raise TypeError(f"`module` must be a flax.nnx.Module, got {type(module)}.")
+        raise TypeError(f"module: expected a flax.nnx.Module, got {type(module)}")
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     initial = _InitialValues(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
     return _NNXLayer(graphdef, initial, _freeze_kwargs(call_kwargs))
@@ -341,7 +341,7 @@ def from_equinox(
     ```
     """
     if not isinstance(module, eqx.Module):
-        raise TypeError(f"`module` must be an equinox.Module, got {type(module)}.")
+        raise TypeError(f"module: expected an equinox.Module, got {type(module)}")
     if state is None:
         if _has_state(module):
             raise ValueError(
@@ -349,13 +349,13 @@ def from_equinox(
                 "pass the `eqx.nn.State` from `eqx.nn.make_with_state`."
             )
     elif not isinstance(state, eqx.nn.State):
-        raise TypeError(f"`state` must be an eqx.nn.State or None, got {type(state)}.")
+        raise TypeError(f"state: expected an eqx.nn.State or None, got {type(state)}")
     if batch_axis is not None and (
         not isinstance(batch_axis, int) or isinstance(batch_axis, bool)
     ):
-        raise TypeError(f"`batch_axis` must be an int or None, got {batch_axis!r}.")
+        raise TypeError(f"batch_axis: expected an int or None, got {batch_axis!r}")
     if not isinstance(axis_name, Hashable):
-        raise TypeError(f"`axis_name` must be hashable, got {axis_name!r}.")
+        raise TypeError(f"axis_name: expected a hashable value, got {axis_name!r}")
     # Initial state values left in the module by building it without
     # `make_with_state` are arrays that must not become parameters.
     module = eqx.nn.delete_init_state(module)
@@ -364,7 +364,7 @@ def from_equinox(
         hash(skeleton)
     except TypeError as error:
         raise TypeError(
-            "`module` must hold only floating arrays and hashable configuration; "
+            "module: expected only floating arrays and hashable configuration; "
             f"its non-floating part is not hashable: {error}"
         ) from error
     initial = _InitialValues(params, {} if state is None else state)

@@ -16,20 +16,20 @@ def _check_layers(layers: tuple, *, at_least_one: bool) -> None:
     for i, layer in enumerate(layers):
         if not isinstance(layer, AbstractLayer):
             raise TypeError(
-                f"`layers[{i}]` must be a jaxdeq layer (an `AbstractLayer`; wrap plain "
+                f"layers[{i}]: expected a jaxdeq layer (an `AbstractLayer`; wrap plain "
                 f"functions in `WrappedFunction`, Flax/Equinox modules with "
-                f"`from_flax`/`from_nnx`/`from_equinox`), got {type(layer)}."
+                f"`from_flax`/`from_nnx`/`from_equinox`), got {type(layer)}"
             )
     if at_least_one and not layers:
-        raise ValueError("`layers` must hold at least one layer, got none.")
+        raise ValueError("layers: expected at least one layer, got none.")
 
 
 def _check_per_layer(name: str, tree: Any, num_layers: int) -> None:
     if not isinstance(tree, tuple) or len(tree) != num_layers:
         raise ValueError(
-            f"`{name}` must be a tuple with one entry per layer ({num_layers}), as "
+            f"{name}: expected a tuple with one entry per layer ({num_layers}), as "
             f"returned by `init`, got {type(tree).__name__} of length "
-            f"{len(tree) if isinstance(tree, tuple) else 'n/a'}."
+            f"{len(tree) if isinstance(tree, tuple) else 'n/a'}"
         )
 
 
@@ -181,8 +181,8 @@ class Parallel(AbstractLayer):
     def __check_init__(self):
         if self.connection is not None and not callable(self.connection):
             raise TypeError(
-                f"`connection` must be a binary function or None, got "
-                f"{self.connection!r}."
+                f"connection: expected a binary function or None, got "
+                f"{self.connection!r}"
             )
         _check_layers(self.layers, at_least_one=True)
 

@@ -71,13 +71,13 @@ class VariationalDropout(AbstractLayer):
 
     def __check_init__(self):
         if isinstance(self.rate, bool) or not 0 <= self.rate < 1:
-            raise ValueError(f"`rate` must be in [0, 1), got {self.rate!r}.")
+            raise ValueError(f"rate: expected a number in [0, 1), got {self.rate!r}")
         if any(
             isinstance(a, bool) or not isinstance(a, int) for a in self.broadcast_axes
         ):
             raise TypeError(
-                "`broadcast_axes` must be a sequence of ints, got "
-                f"{self.broadcast_axes}."
+                "broadcast_axes: expected a sequence of ints, got "
+                f"{self.broadcast_axes}"
             )
         if 0 in self.broadcast_axes:
             raise ValueError(
@@ -97,8 +97,8 @@ class VariationalDropout(AbstractLayer):
         axes = {a % ndim for a in self.broadcast_axes} if ndim else set()
         if not ndim or any(not -ndim <= a < ndim for a in self.broadcast_axes):
             raise ValueError(
-                f"`x` must be batch-first with the axes {self.broadcast_axes}, got "
-                f"shape {jnp.shape(x)}."
+                f"x: expected a batch-first array with the axes "
+                f"{self.broadcast_axes}, got shape {jnp.shape(x)}"
             )
         next_key, mask_key = jax.random.split(st["key"])
         shape = tuple(1 if i in axes else n for i, n in enumerate(jnp.shape(x)))

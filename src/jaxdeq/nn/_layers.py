@@ -20,7 +20,7 @@ def _is_positive_int(value: Any) -> bool:
 
 def _check_positive_int(name: str, value: Any) -> None:
     if not _is_positive_int(value):
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
 
 def _int_or_tuple(name: str, value: Any) -> int | tuple[int, ...]:
@@ -36,14 +36,14 @@ def _int_or_tuple(name: str, value: Any) -> int | tuple[int, ...]:
     ):
         return tuple(value)
     raise ValueError(
-        f"`{name}` must be a positive int or a non-empty sequence of positive ints, "
-        f"got {value!r}."
+        f"{name}: expected a positive int or a non-empty sequence of positive ints, "
+        f"got {value!r}"
     )
 
 
 def _check_callable_or_none(name: str, value: Any) -> None:
     if value is not None and not callable(value):
-        raise TypeError(f"`{name}` must be callable or None, got {value!r}.")
+        raise TypeError(f"{name}: expected callable or None, got {value!r}")
 
 
 def _check_dtype_or_none(name: str, value: Any) -> None:
@@ -52,22 +52,22 @@ def _check_dtype_or_none(name: str, value: Any) -> None:
     try:
         dtype = jnp.dtype(value)
     except TypeError as error:
-        raise TypeError(f"`{name}` must be a dtype or None, got {value!r}.") from error
+        raise TypeError(f"{name}: expected a dtype or None, got {value!r}") from error
     if not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(f"`{name}` must be a floating or complex dtype, got {dtype}.")
+        raise TypeError(f"{name}: expected a floating or complex dtype, got {dtype}")
 
 
 def _check_array(x: Any, expected: str) -> None:
     if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")):
-        raise TypeError(f"`x` must be an array of shape {expected}, got {type(x)}.")
+        raise TypeError(f"x: expected an array of shape {expected}, got {type(x)}")
 
 
 def _check_features(x: Any, in_features: int, expected: str) -> None:
     _check_array(x, expected)
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(
-            f"`x` must have shape {expected} with in_features={in_features} in its "
-            f"last axis, got shape {x.shape}."
+            f"x: expected shape {expected} with in_features={in_features} in its "
+            f"last axis, got shape {x.shape}"
         )
 
 
@@ -102,7 +102,7 @@ def _check_flax_fields(layer: Any) -> None:
     _check_positive_int("out_features", layer.out_features)
     _check_callable_or_none("activation", layer.activation)
     if not isinstance(layer.use_bias, bool):
-        raise TypeError(f"`use_bias` must be a bool, got {layer.use_bias!r}.")
+        raise TypeError(f"use_bias: expected a bool, got {layer.use_bias!r}")
     _check_callable_or_none("kernel_init", layer.kernel_init)
     _check_callable_or_none("bias_init", layer.bias_init)
     _check_dtype_or_none("dtype", layer.dtype)
@@ -314,17 +314,15 @@ class Conv(AbstractLayer):
             _check_array(x, expected)
             if x.ndim < rank + 1:
                 raise ValueError(
-                    f"`x` must have shape {expected} for kernel_size="
-                    f"{self.kernel_size}, got shape {x.shape}."
+                    f"x: expected shape {expected} for kernel_size="
+                    f"{self.kernel_size}, got shape {x.shape}"
                 )
             kernel_size = self.kernel_size
         else:
             expected = "(batch, *spatial, in_features) with at least one spatial axis"
             _check_array(x, expected)
             if x.ndim < 3:
-                raise ValueError(
-                    f"`x` must have shape {expected}, got shape {x.shape}."
-                )
+                raise ValueError(f"x: expected shape {expected}, got shape {x.shape}")
             rank = x.ndim - 2
             kernel_size = (self.kernel_size,) * rank
         _check_features(x, self.in_features, expected)
@@ -353,8 +351,8 @@ def _canonical_padding(padding: Any) -> str | int | tuple:
     if isinstance(padding, str):
         if padding not in _PADDING_STRINGS:
             raise ValueError(
-                f"`padding` must be one of {_PADDING_STRINGS}, an int or a sequence, "
-                f"got {padding!r}."
+                f"padding: expected one of {_PADDING_STRINGS}, an int or a sequence, "
+                f"got {padding!r}"
             )
         return padding
     if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
@@ -375,15 +373,15 @@ def _canonical_padding(padding: Any) -> str | int | tuple:
         else:
             return tuple(canonical)
     raise ValueError(
-        f"`padding` must be one of {_PADDING_STRINGS}, a non-negative int, or a "
-        f"sequence of non-negative ints or (low, high) pairs, got {padding!r}."
+        f"padding: expected one of {_PADDING_STRINGS}, a non-negative int, or a "
+        f"sequence of non-negative ints or (low, high) pairs, got {padding!r}"
     )
 
 
 def _check_rank(name: str, value: Any, rank: int) -> None:
     if isinstance(value, tuple) and len(value) != rank:
         raise ValueError(
-            f"`{name}` must have one entry per spatial axis ({rank}), got {value!r}."
+            f"{name}: expected one entry per spatial axis ({rank}), got {value!r}"
         )
 
 
@@ -475,7 +473,7 @@ class WrappedFunction(AbstractLayer):
 
     def __check_init__(self):
         if not callable(self.fn):
-            raise TypeError(f"`fn` must be callable, got {self.fn!r}.")
+            raise TypeError(f"fn: expected callable, got {self.fn!r}")
 
     def init(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
         return {}, {}

@@ -30,7 +30,7 @@ _PREPARED = "normalized"  # ps of a prepared wrapper: {"normalized": layer's ps}
 
 def _check_layer(layer: Any) -> None:
     if not isinstance(layer, AbstractLayer):
-        raise TypeError(f"`layer` must be a jaxdeq layer, got {type(layer)}.")
+        raise TypeError(f"layer: expected a jaxdeq layer, got {type(layer)}")
 
 
 def _kernel(layer_ps: Any, weight_name: str, wrapper: str) -> Array:
@@ -45,7 +45,7 @@ def _kernel(layer_ps: Any, weight_name: str, wrapper: str) -> Array:
     if jnp.ndim(kernel) < 2:
         raise ValueError(
             f"{wrapper}: {weight_name!r} must have at least 2 axes (fan-in ..., "
-            f"out_features), got shape {jnp.shape(kernel)}."
+            f"out_features), got shape {jnp.shape(kernel)}"
         )
     return kernel
 
@@ -180,9 +180,9 @@ class SpectralNorm(AbstractLayer):
         _check_layer(self.layer)
         n = self.n_power_iterations
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"`n_power_iterations` must be an int >= 1, got {n!r}.")
+            raise ValueError(f"n_power_iterations: expected an int >= 1, got {n!r}")
         if not self.eps > 0:
-            raise ValueError(f"`eps` must be positive, got {self.eps!r}.")
+            raise ValueError(f"eps: expected positive, got {self.eps!r}")
 
     def _normalized(self, ps: dict, st: dict) -> tuple[Any, Array]:
         kernel = _kernel(ps["layer"], self.weight_name, "SpectralNorm")
