@@ -43,7 +43,11 @@ x_train.shape, x_test.shape"""
     nbf.v4.new_markdown_cell(
         """The models: an input layer, the equilibrium layer, a linear head. `nn.Chain`
 nests them; every piece follows the same `init`/`apply` protocol, so the DEQ's own
-state (its solution, its PRNG key) travels in `st` like any layer's."""
+state (its PRNG key, its cell's state: nothing shaped by the batch) travels in `st`
+like any layer's. The solve's statistics are not state: `deq.apply(ps, st, h,
+return_solution=True)` returns them as a third output, a
+`jaxdeq.DeepEquilibriumSolution`. A `Chain` returns `(y, st)` only, so `apply` below
+runs the three layers by hand to get the DEQ's solution too."""
     ),
     nbf.v4.new_code_cell(
         """WIDTH = 128
@@ -64,7 +68,16 @@ def classifier(skip: bool, trace: bool = False):
             cell(), nn.Dense(WIDTH, WIDTH, activation=jnp.tanh), solver, trace=trace)
     else:
         deq = jaxdeq.DeepEquilibriumNetwork(cell(), solver, trace=trace)
-    return nn.Chain(nn.Dense(64, WIDTH, activation=jax.nn.relu), deq, nn.Dense(WIDTH, 10))"""
+    return nn.Chain(nn.Dense(64, WIDTH, activation=jax.nn.relu), deq, nn.Dense(WIDTH, 10))
+
+
+def apply(model, ps, st, x):
+    # The chain's `apply`, layer by layer: `(logits, st, solution)`.
+    embed, deq, head = model.layers
+    h, st_embed = embed.apply(ps[0], st[0], x)
+    z, st_deq, solution = deq.apply(ps[1], st[1], h, return_solution=True)
+    logits, st_head = head.apply(ps[2], st[2], z)
+    return logits, (st_embed, st_deq, st_head), solution"""
     ),
     nbf.v4.new_code_cell(
         """def train(model, epochs=8, batch=64, skip_weight=0.1, seed=0):
@@ -73,8 +86,7 @@ def classifier(skip: bool, trace: bool = False):
     opt_state = opt.init(ps)
 
     def loss_fn(ps, st, x, y):
-        logits, st = model.apply(ps, st, x)
-        sol = st[1]["solution"]
+        logits, st, sol = apply(model, ps, st, x)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return ce + skip_weight * jnp.mean(jnp.abs(sol.z_star - sol.u0)), (st, sol)
 
@@ -86,8 +98,8 @@ def classifier(skip: bool, trace: bool = False):
 
     @jax.jit
     def evaluate(ps, st):
-        logits, st = model.apply(ps, st, x_test)
-        return jnp.mean(jnp.argmax(logits, -1) == y_test), jnp.mean(st[1]["solution"].nfe)
+        logits, _, sol = apply(model, ps, st, x_test)
+        return jnp.mean(jnp.argmax(logits, -1) == y_test), jnp.mean(sol.nfe)
 
     rng = np.random.default_rng(seed)
     history = []
@@ -132,16 +144,17 @@ for name, (_, _, hist) in results.items():
         """## Residual against iteration
 
 With `trace=True` the solution records each sample's residual norm at every solver
-step. The Skip DEQ starts from its predicted `z0`, so its curves start lower."""
+step. The Skip DEQ starts from its predicted `z0`, so its curves start lower. `st`
+holds nothing shaped by the batch or by the options, so the trained `ps` and `st` run
+unchanged in the same model built with `trace=True`."""
     ),
     nbf.v4.new_code_cell(
         """fig, ax = plt.subplots(figsize=(6, 4))
 for color, (name, (ps, st, _)) in zip(["C0", "C1"], results.items()):
     model = classifier(name == "Skip DEQ", trace=True)
-    _, st_traced = model.init(jax.random.key(0), jnp.asarray(x_test[:16]))
-    st_traced = (st[0], dict(st[1], solution=st_traced[1]["solution"]), st[2])
-    _, out = jax.jit(model.apply)(ps, st_traced, jnp.asarray(x_test[:16]))
-    trace = np.asarray(out[1]["solution"].trace)
+    _, _, sol = jax.jit(lambda ps, st, x: apply(model, ps, st, x))(
+        ps, st, jnp.asarray(x_test[:16]))
+    trace = np.asarray(sol.trace)
     for i, row in enumerate(trace):
         row = row[np.isfinite(row)]
         ax.semilogy(np.arange(1, len(row) + 1), row, color=color, alpha=0.4,

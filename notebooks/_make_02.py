@@ -88,8 +88,9 @@ print("parameters:", sum(leaf.size for leaf in jax.tree.leaves(ps)))"""
 
 The loss is cross-entropy. Besides the loss, each step reports what the solver did:
 for every scale `j` the relative residual `||f(z*)_j - z*_j|| / ||z*_j||` (averaged
-over the batch), and the nfe. The DEQ's solution lives in `st["deq"]["solution"]`;
-its `residual` is a tuple over scales, like the state.
+over the batch), and the nfe. `model.apply(ps, st, x, return_solution=True)` also
+returns the DEQ's solution (`st` keeps only what persists between calls); its
+`residual` is a tuple over scales, like the state.
 
 On a CPU compilation dominates a run this short, so evaluation reuses the compiled
 loss-and-gradient function (same batch shape) and discards the gradients."""
@@ -100,9 +101,8 @@ opt_state = optimizer.init(ps)
 
 
 def loss_fn(ps, st, x, y):
-    logits, st = model.apply(ps, st, x)
+    logits, st, sol = model.apply(ps, st, x, return_solution=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    sol = st["deq"]["solution"]
     per_scale = jnp.stack(
         [
             jnp.mean(

@@ -10,11 +10,15 @@ jaxdeq models are pure `init`/`apply` descriptions, so the same equilibrium bloc
 sit inside a model written with any JAX library:
 
 * `jaxdeq.flax.DEQ(block)` is a `flax.linen` module: its parameters live in
-  `"params"`, its state (the solution, the PRNG key) in the `"deq_state"` collection
-  (`jaxdeq.flax.NNXDEQ` is the NNX counterpart);
+  `"params"`, its state (the PRNG key, the cell's state) in the `"deq_state"`
+  collection (`jaxdeq.flax.NNXDEQ` is the NNX counterpart);
 * `jaxdeq.equinox.DEQ(block, x, key=key)` is an `eqx.Module` holding the block's
   parameters (trainable) and state; `deq(x, return_state=True)` also returns the new
-  state, with the solution.
+  state.
+
+Neither state depends on the batch. The solve's statistics (a
+`jaxdeq.DeepEquilibriumSolution`: per-sample nfe, residuals, outcomes) come back on
+request, `return_solution=True`, as one more output of the call.
 
 Both are trained below, with optax, on scikit-learn's 8x8 digits (shipped with
 scikit-learn, no download); then the Equinox model is checkpointed with orbax and
@@ -74,16 +78,16 @@ def cross_entropy(logits, labels):
         """## From Flax (linen)
 
 `jaxdeq.flax.DEQ(block)` is used like any linen layer in a `@compact` method. Apply
-with `mutable=["deq_state"]` to get the block's new state: the solution and the
-advanced PRNG key."""
+with `mutable=["deq_state"]` to get the block's new state (the advanced PRNG key);
+`return_solution=True` makes the block return `(z, solution)`."""
     ),
     nbf.v4.new_code_cell(
         """class FlaxClassifier(linen.Module):
     @linen.compact
     def __call__(self, x):
         h = linen.Dense(WIDTH)(x)
-        z = jaxdeq.flax.DEQ(block)(h)
-        return linen.Dense(10)(z)
+        z, solution = jaxdeq.flax.DEQ(block)(h, return_solution=True)
+        return linen.Dense(10)(z), solution
 
 
 variables = FlaxClassifier().init(jax.random.key(0), x_train)
@@ -94,7 +98,7 @@ opt_state = optimizer.init(params)
 @jax.jit
 def flax_step(params, deq_state, opt_state, x, y):
     def loss_fn(params):
-        logits, updates = FlaxClassifier().apply(
+        (logits, _), updates = FlaxClassifier().apply(
             {"params": params, "deq_state": deq_state}, x, mutable=["deq_state"])
         return cross_entropy(logits, y), updates["deq_state"]
 
@@ -109,9 +113,9 @@ for _ in range(STEPS):
         params, deq_state, opt_state, x_train, y_train)
     flax_losses.append(float(loss))
 
-logits = FlaxClassifier().apply({"params": params, "deq_state": deq_state}, x_test)
+logits, solution = FlaxClassifier().apply(
+    {"params": params, "deq_state": deq_state}, x_test)
 flax_accuracy = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
-solution = deq_state["DEQ_0"]["solution"]
 print(f"loss {flax_losses[0]:.3f} -> {flax_losses[-1]:.3f}, test accuracy "
       f"{flax_accuracy:.3f}, mean Anderson steps {float(solution.nfe.mean()):.1f}")"""
     ),
@@ -120,8 +124,8 @@ print(f"loss {flax_losses[0]:.3f} -> {flax_losses[-1]:.3f}, test accuracy "
 
 `jaxdeq.equinox.DEQ` holds the block's `ps` (trained by `eqx.filter_value_and_grad`)
 and `st` (read through `stop_gradient`: a buffer). The model returns the new state
-alongside its logits, and the training step stores it with `eqx.tree_at`, as with
-`eqx.nn.State`. jaxdeq models are batch-first, so the per-sample Equinox layers are
+and the solution alongside its logits (`return_state=True, return_solution=True`),
+and the training step stores the state with `eqx.tree_at`, as with `eqx.nn.State`. jaxdeq models are batch-first, so the per-sample Equinox layers are
 `vmap`ped around the block."""
     ),
     nbf.v4.new_code_cell(
@@ -137,8 +141,9 @@ alongside its logits, and the training step stores it with `eqx.tree_at`, as wit
         self.head = eqx.nn.Linear(WIDTH, 10, key=k3)
 
     def __call__(self, x):
-        z, st = self.deq(jax.vmap(self.embed)(x), return_state=True)
-        return jax.vmap(self.head)(z), st
+        z, st, solution = self.deq(
+            jax.vmap(self.embed)(x), return_state=True, return_solution=True)
+        return jax.vmap(self.head)(z), st, solution
 
 
 net = EquinoxClassifier(jax.random.key(0))
@@ -149,7 +154,7 @@ eqx_opt_state = optimizer.init(eqx.filter(net, eqx.is_inexact_array))
 def equinox_step(net, opt_state, x, y):
     @eqx.filter_value_and_grad(has_aux=True)
     def loss_fn(net):
-        logits, st = net(x)
+        logits, st, _ = net(x)
         return cross_entropy(logits, y), st
 
     (loss, st), grads = loss_fn(net)
@@ -163,11 +168,11 @@ for _ in range(STEPS):
     net, eqx_opt_state, loss = equinox_step(net, eqx_opt_state, x_train, y_train)
     equinox_losses.append(float(loss))
 
-logits, _ = eqx.filter_jit(net)(x_test)
+logits, _, solution = eqx.filter_jit(net)(x_test)
 equinox_accuracy = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
 print(f"loss {equinox_losses[0]:.3f} -> {equinox_losses[-1]:.3f}, test accuracy "
       f"{equinox_accuracy:.3f}, mean Anderson steps "
-      f"{float(net.deq.st['solution'].nfe.mean()):.1f}")"""
+      f"{float(solution.nfe.mean()):.1f}")"""
     ),
     nbf.v4.new_code_cell(
         """fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -183,16 +188,15 @@ assert flax_losses[-1] < flax_losses[0] and equinox_losses[-1] < equinox_losses[
         """## Checkpoints
 
 `jaxdeq.save_checkpoint` writes any pytree of arrays with orbax-checkpoint (typed PRNG
-keys, the solution in `st` and optax states included); `jaxdeq.load_checkpoint`
-restores it into the structure of a template, here a freshly built model. The
-template must match in shapes too: `st` holds the solution of the last call, shaped by
-that call's batch, so the fresh model is first called on a batch of the same size."""
+keys in `st` and optax states included); `jaxdeq.load_checkpoint` restores it into
+the structure of a template, here a freshly built model. The template must match in
+shapes too; `st` holds nothing shaped by the batch, so a model that was never called
+is a valid template."""
     ),
     nbf.v4.new_code_cell(
         """path = tempfile.mkdtemp() + "/equinox_classifier"
 jaxdeq.save_checkpoint(path, {"model": net, "opt_state": eqx_opt_state})
 fresh = EquinoxClassifier(jax.random.key(1))
-fresh = eqx.tree_at(lambda n: n.deq.st, fresh, fresh(x_train)[1])
 template = {"model": fresh,
             "opt_state": optimizer.init(eqx.filter(fresh, eqx.is_inexact_array))}
 restored = jaxdeq.load_checkpoint(path, template)
