@@ -175,19 +175,20 @@ def main(argv=None):
 
     def forward(params, st_deq, x):
         h = embed.apply(params["embed"], st_embed, x)[0]
-        z, st_deq = deq_apply(params["deq"], st_deq, h)
-        return head.apply(params["head"], st_head, z)[0], st_deq
+        z, st_deq, solution = deq_apply(params["deq"], st_deq, h, return_solution=True)
+        return head.apply(params["head"], st_head, z)[0], st_deq, solution
 
     def loss_fn(params, st_deq, x, y):
-        logits, st_deq = forward(params, st_deq, x)
+        logits, st_deq, solution = forward(params, st_deq, x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (st_deq, logits)
+        return loss, (st_deq, logits, solution.nfe)
 
     @jax.jit
     def train_step(params, opt_state, st_deq, x, y):
-        grads, (st_deq, logits) = jax.grad(loss_fn, has_aux=True)(params, st_deq, x, y)
+        grads, (st_deq, logits, nfe) = jax.grad(loss_fn, has_aux=True)(
+            params, st_deq, x, y
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        nfe = st_deq["solution"].nfe
         stats = (
             jnp.sum(jnp.argmax(logits, -1) == y),
             jnp.sum(nfe),

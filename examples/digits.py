@@ -85,9 +85,17 @@ def main(argv=None):
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     opt_state = optimizer.init(ps)
 
+    def apply(ps, st, x):
+        # nn.Chain's apply returns (y, st); run its layers here to get the DEQ's
+        # solution too.
+        embed, deq, head = model.layers
+        h, st_embed = embed.apply(ps[0], st[0], x)
+        z, st_deq, solution = deq.apply(ps[1], st[1], h, return_solution=True)
+        logits, st_head = head.apply(ps[2], st[2], z)
+        return logits, (st_embed, st_deq, st_head), solution
+
     def loss_fn(ps, st, x, y):
-        logits, st = model.apply(ps, st, x)
-        solution = st[1]["solution"]
+        logits, st, solution = apply(ps, st, x)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         loss = ce + args.jac_weight * solution.jacobian_loss
         return loss, (st, logits, solution)
@@ -105,8 +113,7 @@ def main(argv=None):
 
     @jax.jit
     def evaluate(ps, st, x, y):
-        logits, st = model.apply(ps, st, x)
-        solution = st[1]["solution"]
+        logits, _, solution = apply(ps, st, x)
         return jnp.mean(jnp.argmax(logits, -1) == y), jnp.mean(solution.nfe)
 
     rng = np.random.default_rng(args.seed)
