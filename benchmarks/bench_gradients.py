@@ -120,11 +120,13 @@ def _setup(workload, adjoint, max_steps, rtol=1e-4, count_vjps=False):
 
     def loss(params, st, x, labels):
         injection = workload.inject(params["inject"], x)
-        z, new_st = model.apply(params["model"], st, injection)
+        z, _, solution = model.apply(
+            params["model"], st, injection, return_solution=True
+        )
         head = params["head"]
         logits = workload.features(z) @ head["w"] + head["b"]
         value = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return value, new_st["solution"].nfe
+        return value, solution.nfe
 
     return model, loss
 

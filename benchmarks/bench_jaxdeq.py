@@ -74,8 +74,9 @@ def make_model(cell, cell_params, z0) -> jaxdeq.DeepEquilibriumNetwork:
 def solve(cell, cell_params, injection, z0):
     model = make_model(cell, cell_params, z0)
     _, st = model.init(jax.random.key(0), injection)
-    z_star, st = model.apply({"model": cell_params, "init": {}}, st, injection)
-    solution = st["solution"]
+    z_star, _, solution = model.apply(
+        {"model": cell_params, "init": {}}, st, injection, return_solution=True
+    )
     stats = {
         "fwd_nfe": jnp.max(solution.nfe),
         "fwd_nfe_per_sample": solution.nfe,

@@ -159,8 +159,9 @@ def deq_nfe(name, workload, cell_params, injection, z0):
 
     @jax.jit
     def run(cell_params):
-        _, st_out = model.apply({"model": cell_params, "init": {}}, st, injection)
-        solution = st_out["solution"]
+        _, _, solution = model.apply(
+            {"model": cell_params, "init": {}}, st, injection, return_solution=True
+        )
         return solution.nfe, solution.result, solution.relative_residual_norm
 
     del z0

@@ -109,18 +109,18 @@ def _worker(batch: int, reps: int, rounds: int) -> dict:
     def make_step(apply):
         def loss_fn(params, st_deq, x, labels):
             h = injection.apply(params["inj"], st_inj, x)[0]
-            z, st_deq = apply(params["deq"], st_deq, h)
+            z, st_deq, solution = apply(params["deq"], st_deq, h, return_solution=True)
             logits = head.apply(params["head"], st_head, z)[0]
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            return loss.mean(), st_deq
+            return loss.mean(), (st_deq, solution.nfe)
 
         @jax.jit
         def step(params, opt_state, st_deq, x, labels):
-            (loss, st_deq), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            (loss, (st_deq, nfe)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 params, st_deq, x, labels
             )
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, st_deq, loss
+            return optax.apply_updates(params, updates), opt_state, st_deq, loss, nfe
 
         return step
 
@@ -131,8 +131,9 @@ def _worker(batch: int, reps: int, rounds: int) -> dict:
         start = time.perf_counter()
         state = jax.block_until_ready(step(*state, x, labels)[:3])
         compile_s = time.perf_counter() - start
-        state = jax.block_until_ready(step(*state, x, labels)[:3])
-        nfe = np.asarray(state[2]["solution"].nfe).reshape(len(devices), -1)
+        out = jax.block_until_ready(step(*state, x, labels))
+        state = out[:3]
+        nfe = np.asarray(out[4]).reshape(len(devices), -1)
         stats[mode] = {
             "compile_s": compile_s,
             "nfe_mean": float(nfe.mean()),
