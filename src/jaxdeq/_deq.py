@@ -73,8 +73,11 @@ class DeepEquilibriumNetwork(AbstractEquilibriumModel):
         `max_steps`, in `solution.states`, each with a one-step gradient, for
         [`jaxdeq.fixed_point_correction_loss`][] (optimistix-style solvers only).
     - `throw`: raise at run time (under `jit` too) when a sample's solve does not
-        succeed, with the outcome's message (optimistix's convention). `False`
-        (default): read the outcome in `solution.result`.
+        succeed, with the outcome's message (optimistix's convention; an
+        `equinox` run-time error: under `jax.jit` it surfaces as a
+        `jax.errors.JaxRuntimeError` carrying the message, under
+        `equinox.filter_jit` as the message alone). `False` (default): read the
+        outcome in `solution.result`.
     - `**solver_options`: for diffrax solvers `rtol`, `atol` (steady-state test and
         the default `PIDController`; default: the user's `stepsize_controller`'s,
         else `1e-4`/`1e-6`), `dt0`, `stepsize_controller`; for optimistix solvers
