@@ -155,6 +155,23 @@ def test_zoo_classifier_returns_its_solution():
     assert "solution" not in st["deq"]
 
 
+def test_containers_return_their_deq_solutions():
+    deq = _model("anderson", jacobian_regularization="forward")
+    net = nn.Chain(nn.Dense(2, WIDTH), nn.BranchLayer(deq, nn.NoOpLayer()))
+    x = jnp.ones((5, 2))
+    ps, st = net.init(jax.random.key(0), x)
+    (z, _), _, (embed, (solution, none)) = net.apply(ps, st, x, return_solution=True)
+    assert embed is None and none is None and solution.nfe.shape == (5,)
+
+    def jacobian_loss(ps):
+        return net.apply(ps, st, x, return_solution=True)[2][1][0].jacobian_loss
+
+    grads = jax.grad(jacobian_loss)(ps)
+    assert np.any(grads[1][0]["model"][0][0]["kernel"] != 0)
+    with pytest.raises(TypeError, match="return_solution"):
+        jaxdeq.flax.DEQ(nn.Dense(2, 2)).init(jax.random.key(0), x, return_solution=True)
+
+
 # --- non-finite values ----------------------------------------------------------
 
 

@@ -40,17 +40,20 @@ def apply_model(
 ) -> tuple[Any, PyTree, tuple]:
     """`model.apply` for the framework wrappers: `(output, st, (solution,))`, or
     `(output, st, ())` without `return_solution`. Only DEQ models take a per-call
-    budget and return a solution; other layers keep the bare protocol."""
+    budget; other layers keep the bare protocol."""
     if not isinstance(return_solution, bool):
         raise TypeError(f"return_solution: expected a bool, got {return_solution!r}")
-    if max_steps is None and not return_solution:
-        out, st = model.apply(ps, st, x)
+    kwargs = {} if max_steps is None else {"max_steps": max_steps}
+    if not return_solution:
+        out, st = model.apply(ps, st, x, **kwargs)
         return out, st, ()
-    kwargs = {"return_solution": True} if return_solution else {}
-    if max_steps is not None:
-        kwargs["max_steps"] = max_steps
-    out, st, *solution = model.apply(ps, st, x, **kwargs)
-    return out, st, tuple(solution)
+    if not model.returns_solution:
+        raise TypeError(
+            f"return_solution: {type(model).__name__} returns no solution; use a DEQ "
+            "model or a container of one"
+        )
+    out, st, solution = model.apply(ps, st, x, return_solution=True, **kwargs)
+    return out, st, (solution,)
 
 
 def _on_auto_axes(fn: Callable, args: tuple) -> Any:
@@ -93,6 +96,7 @@ class AbstractEquilibriumModel(AbstractLayer):
     config: EquilibriumConfig
     # The argument named by errors about the cell's output.
     cell_name: ClassVar[str]
+    returns_solution: ClassVar[bool] = True
 
     @abc.abstractmethod
     def _init_layers(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:

@@ -23,9 +23,10 @@ class RESULTS(enum.IntEnum):
         is returned (diffrax: as above).
     - `nonfinite`: either the sample's input, the parameters or the initial state
         hold NaN or infinity, and the sample's output is NaN (garbage in stays
-        visible; its solve stops at the first evaluation, `steps == 1`); or the iteration itself produced non-finite values from finite
-        inputs, and the lowest-residual finite iterate seen (at worst the initial
-        guess) is returned.
+        visible; its solve stops at the first evaluation, `steps == 1`); or the
+        iteration itself produced non-finite values from finite inputs, and the
+        lowest-residual finite iterate seen (at worst the initial guess) is
+        returned.
     """
 
     successful = 0

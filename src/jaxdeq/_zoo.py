@@ -2,7 +2,7 @@
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import flax.linen as linen
@@ -147,6 +147,7 @@ class MDEQImageClassifier(AbstractLayer):
     stem: AbstractLayer
     deq: MultiScaleDeepEquilibriumNetwork
     head: AbstractLayer
+    returns_solution: ClassVar[bool] = True
 
     def init(self, key: PRNGKeyArray, x: Array) -> tuple[dict, dict]:
         # Sample inputs of the next part are zeros of the right shape: running the

@@ -3,13 +3,13 @@ their children's, by position."""
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 from jaxtyping import PRNGKeyArray
 
-from ._core import AbstractLayer
+from ._core import AbstractLayer, apply_with_solution
 
 
 def _check_layers(layers: tuple, *, at_least_one: bool) -> None:
@@ -45,8 +45,32 @@ def _prepare_children(
     return tuple(p for p, _ in prepared), tuple(s for _, s in prepared)
 
 
+def _check_flag(return_solution: Any) -> None:
+    if not isinstance(return_solution, bool):
+        raise TypeError(f"return_solution: expected a bool, got {return_solution!r}")
+
+
 def _split_key(key: PRNGKeyArray, num_layers: int) -> list[PRNGKeyArray]:
     return list(jax.random.split(key, num_layers)) if num_layers else []
+
+
+def _apply_children(
+    layers: tuple[AbstractLayer, ...], ps: tuple, st: tuple, inputs: tuple
+) -> tuple[tuple, tuple, tuple]:
+    """Each layer on its input: `(outputs, states, solutions)`, by position.
+    (Unused solutions are removed by XLA under `jit`.)"""
+    _check_per_layer("ps", ps, len(layers))
+    _check_per_layer("st", st, len(layers))
+    outputs, new_st, solutions = zip(
+        *(
+            apply_with_solution(layer, layer_ps, layer_st, layer_x)
+            for layer, layer_ps, layer_st, layer_x in zip(
+                layers, ps, st, inputs, strict=True
+            )
+        ),
+        strict=True,
+    )
+    return outputs, new_st, solutions
 
 
 class Chain(AbstractLayer):
@@ -64,6 +88,9 @@ class Chain(AbstractLayer):
 
     - `y`: the output of `layers[-1]`.
     - `st`: the updated state.
+    - with `apply(..., return_solution=True)`, also a tuple of the layers'
+        solutions by position: a DEQ model's `DeepEquilibriumSolution` (nested
+        tuples for nested containers), `None` for a layer without one.
 
     **Parameters:**
 
@@ -111,13 +138,26 @@ class Chain(AbstractLayer):
     def prepare(self, ps: tuple, st: tuple) -> tuple[tuple, tuple]:
         return _prepare_children(self.layers, ps, st)
 
-    def apply(self, ps: tuple, st: tuple, x: Any) -> tuple[Any, tuple]:
+    returns_solution: ClassVar[bool] = True
+
+    def apply(
+        self, ps: tuple, st: tuple, x: Any, *, return_solution: bool = False
+    ) -> tuple[Any, tuple] | tuple[Any, tuple, tuple]:
+        _check_flag(return_solution)
         _check_per_layer("ps", ps, len(self.layers))
         _check_per_layer("st", st, len(self.layers))
-        new_st = []
+        new_st, solutions = [], []
         for layer, layer_ps, layer_st in zip(self.layers, ps, st, strict=True):
-            x, layer_st = layer.apply(layer_ps, layer_st, x)
+            if return_solution:
+                x, layer_st, solution = apply_with_solution(
+                    layer, layer_ps, layer_st, x
+                )
+                solutions.append(solution)
+            else:
+                x, layer_st = layer.apply(layer_ps, layer_st, x)
             new_st.append(layer_st)
+        if return_solution:
+            return x, tuple(new_st), tuple(solutions)
         return x, tuple(new_st)
 
 
@@ -144,6 +184,9 @@ class Parallel(AbstractLayer):
 
     - `y`: the folded outputs, or the tuple of outputs when `connection is None`.
     - `st`: the updated state.
+    - with `apply(..., return_solution=True)`, also a tuple of the layers'
+        solutions by position: a DEQ model's `DeepEquilibriumSolution` (nested
+        tuples for nested containers), `None` for a layer without one.
 
     **Parameters:**
 
@@ -219,18 +262,17 @@ class Parallel(AbstractLayer):
     def prepare(self, ps: tuple, st: tuple) -> tuple[tuple, tuple]:
         return _prepare_children(self.layers, ps, st)
 
-    def apply(self, ps: tuple, st: tuple, x: Any) -> tuple[Any, tuple]:
-        _check_per_layer("ps", ps, len(self.layers))
-        _check_per_layer("st", st, len(self.layers))
-        outputs, new_st = zip(
-            *(
-                layer.apply(layer_ps, layer_st, layer_x)
-                for layer, layer_ps, layer_st, layer_x in zip(
-                    self.layers, ps, st, self._inputs(x), strict=True
-                )
-            ),
-            strict=True,
+    returns_solution: ClassVar[bool] = True
+
+    def apply(
+        self, ps: tuple, st: tuple, x: Any, *, return_solution: bool = False
+    ) -> tuple[Any, tuple] | tuple[Any, tuple, tuple]:
+        _check_flag(return_solution)
+        outputs, new_st, solutions = _apply_children(
+            self.layers, ps, st, self._inputs(x)
         )
+        if return_solution:
+            return self._connect(outputs), new_st, solutions
         return self._connect(outputs), new_st
 
 
@@ -249,6 +291,9 @@ class BranchLayer(AbstractLayer):
 
     - `y`: a tuple, `y[i]` the output of `layers[i]`.
     - `st`: the updated state.
+    - with `apply(..., return_solution=True)`, also a tuple of the layers'
+        solutions by position: a DEQ model's `DeepEquilibriumSolution` (nested
+        tuples for nested containers), `None` for a layer without one.
 
     **Parameters:**
 
@@ -294,14 +339,15 @@ class BranchLayer(AbstractLayer):
     def prepare(self, ps: tuple, st: tuple) -> tuple[tuple, tuple]:
         return _prepare_children(self.layers, ps, st)
 
-    def apply(self, ps: tuple, st: tuple, x: Any) -> tuple[tuple, tuple]:
-        _check_per_layer("ps", ps, len(self.layers))
-        _check_per_layer("st", st, len(self.layers))
-        outputs, new_st = zip(
-            *(
-                layer.apply(layer_ps, layer_st, x)
-                for layer, layer_ps, layer_st in zip(self.layers, ps, st, strict=True)
-            ),
-            strict=True,
+    returns_solution: ClassVar[bool] = True
+
+    def apply(
+        self, ps: tuple, st: tuple, x: Any, *, return_solution: bool = False
+    ) -> tuple[tuple, tuple] | tuple[tuple, tuple, tuple]:
+        _check_flag(return_solution)
+        outputs, new_st, solutions = _apply_children(
+            self.layers, ps, st, (x,) * len(self.layers)
         )
+        if return_solution:
+            return outputs, new_st, solutions
         return outputs, new_st

@@ -1,7 +1,7 @@
 """The ps/st layer protocol shared by every layer, container and DEQ model."""
 
 import abc
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 from jaxtyping import PRNGKeyArray, PyTree
@@ -43,3 +43,18 @@ class AbstractLayer(eqx.Module):
         prepare their children.
         """
         return ps, st
+
+    # Whether `apply` takes `return_solution=True` and then returns
+    # `(y, st, solution)`: DEQ models (their `DeepEquilibriumSolution`) and the
+    # containers (one entry per child, `None` for a child without solutions).
+    returns_solution: ClassVar[bool] = False
+
+
+def apply_with_solution(
+    layer: AbstractLayer, ps: PyTree, st: PyTree, x: Any, **kwargs
+) -> tuple[Any, PyTree, Any]:
+    """`(y, st, solution)` of any layer: its solution(s) when it has some, `None`
+    otherwise."""
+    if layer.returns_solution:
+        return layer.apply(ps, st, x, return_solution=True, **kwargs)
+    return (*layer.apply(ps, st, x, **kwargs), None)
