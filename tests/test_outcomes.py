@@ -187,6 +187,13 @@ def test_nonfinite_input_gives_nonfinite_and_nan_output(solver):
     assert np.all(np.isnan(z[0])) and np.all(np.isfinite(z[1]))
     z_clean, _ = model.apply(ps, st, x[1:])
     assert tree_allclose(z[1:], z_clean, rtol=1e-12, atol=1e-12)
+    # forward mode: the bad sample's tangent is NaN too, the other's finite
+    _, tangent = jax.jvp(
+        lambda x: model.apply(ps, st, x)[0],
+        (x.at[0, 1].set(jnp.nan),),
+        (jnp.ones_like(x),),
+    )
+    assert np.all(np.isnan(tangent[0])) and np.all(np.isfinite(tangent[1]))
 
 
 @pytest.mark.parametrize("solver", ["anderson", "newton", "tsit5"])
@@ -259,6 +266,21 @@ def test_converged_solve_is_not_relabelled_by_its_next_proposal():
     assert np.all(np.isfinite(z)) and np.max(solution.residual_norm) < 1e-9
 
 
+@pytest.mark.parametrize("problem_type", ["steady_state", "ode"])
+def test_diffrax_cell_that_goes_nonfinite_reports_nonfinite(problem_type):
+    nan_cell = nn.Parallel(
+        jnp.add, nn.WrappedFunction(lambda z: z * jnp.nan), nn.NoOpLayer()
+    )
+    model = jaxdeq.DeepEquilibriumNetwork(
+        nan_cell, diffrax.Tsit5(), problem_type=problem_type, max_steps=20
+    )
+    x = _x(2)
+    ps, st = model.init(jax.random.key(0), x)
+    z, _, solution = model.apply(ps, st, x, return_solution=True)
+    assert np.all(solution.result == NONFINITE)  # not a spent budget
+    np.testing.assert_array_equal(z, 0)
+
+
 # --- throw ------------------------------------------------------------------------
 
 
@@ -271,6 +293,13 @@ def test_throw_raises_under_jit_with_the_outcome_message():
         jax.block_until_ready(apply(ps, st, x))
     with pytest.raises(Exception, match="nonfinite"):
         jax.block_until_ready(apply(ps, st, x.at[0, 0].set(jnp.nan)))
+
+    # The check runs under jax.grad too (where the primal output is pruned).
+    def loss(ps):
+        return jnp.sum(model.apply(ps, st, x)[0])
+
+    with pytest.raises(Exception, match="max_steps_reached"):
+        jax.block_until_ready(jax.jit(jax.grad(loss))(ps))
     converging = _model("anderson", max_steps=40, throw=True)
     z, _ = jax.jit(converging.apply)(ps, st, x)
     assert np.all(np.isfinite(z))
@@ -429,8 +458,18 @@ def test_solver_and_option_values_are_checked():
         jaxdeq.Anderson(rtol="1e-4", atol=1e-6)
     with pytest.raises(ValueError, match="atol"):
         jaxdeq.Broyden(rtol=1e-4, atol=-1.0)
-    with pytest.raises(ValueError, match="options: .*'foo'"):
+    with pytest.raises(TypeError, match="'foo'"):
         _model("anderson", options={"foo": 1})
+    with pytest.raises(TypeError, match="did you mean 'lower'"):
+        _model("newton", options={"lowr": 1.0})
+    with pytest.raises(TypeError, match="memory"):
+        jaxdeq.Broyden(rtol=1e-4, atol=1e-4, memory=1.5)
+    with pytest.raises(TypeError, match="ridge"):
+        jaxdeq.Anderson(rtol=1e-4, atol=1e-4, ridge="x")
+    with pytest.raises(TypeError, match="jacobian_regularization"):
+        _model("anderson", jacobian_regularization=True)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        _model("anderson", compute_dtype=3)
     with pytest.raises(TypeError, match="rtol"):
         _model("tsit5", rtol="1e-3")
     # TypeError for a wrong type, ValueError for a wrong value of the right type.
@@ -438,6 +477,16 @@ def test_solver_and_option_values_are_checked():
         _model("anderson", max_steps=1.5)
     with pytest.raises(ValueError, match="max_steps"):
         _model("anderson", max_steps=0)
+    assert _model("anderson", max_steps=np.int64(5)).max_steps == 5
+    model = _model("anderson")
+    ps, st = model.init(jax.random.key(0), _x(2))
+    with pytest.raises(TypeError, match="max_steps"):
+        model.apply(ps, st, _x(2), max_steps="3")
+    with pytest.raises(ValueError, match="st: .*'key'"):
+        model.apply(ps, {"model": st["model"]}, _x(2))
+    # An unbatched x names what is wrong (x is batch-first), not a reshaped sample.
+    with pytest.raises(ValueError, match=r"x: .*batch-first.*x\[None\]"):
+        model.apply(ps, st, jnp.ones((WIDTH,)))
 
 
 @pytest.mark.parametrize("budget", [0, -2, 41])

@@ -373,17 +373,27 @@ class DiffraxBackend(AbstractBackend):
             throw=False,
         )
 
-    def _outcome(self, f, args, sol, z0, reached, evaluations) -> Forward:
-        """The state at the last saved time and its outcome code. A failed solve
-        returns the lower-residual of its final and initial states (diffrax keeps
-        no best iterate); a non-finite state is never returned."""
+    def _outcome(self, f, args, sol, z0, reached, evaluations, steady) -> Forward:
+        """The state at the last saved time and its outcome code. A failed steady
+        state returns the lower-residual of its final and initial states (diffrax
+        keeps no best iterate); a non-finite state is never returned. A vector
+        field that is non-finite where the solve ended (adaptive solvers reject
+        such steps until the budget runs out) is `nonfinite`, not a spent budget."""
         # (diffrax promotes the state to its time dtype, float64 under x64)
         z = jtu.tree_map(lambda leaf, ref: leaf[0].astype(ref.dtype), sol.ys, z0)
         finite = tree_all_finite(z)
         steps = sol.stats["num_steps"].astype(jnp.int32)
+        z0_sq = sample_sq_norm(tree_sub(f(z0, args), z0), batched=False)
+        if steady:  # (two evaluations, counted)
+            z_sq = sample_sq_norm(tree_sub(f(z, args), z), batched=False)
+            keep = reached | (finite & (z_sq <= z0_sq))
+            end_sq = jnp.where(keep, z_sq, z0_sq)
+            nfe = evaluations + 2
+        else:  # (one evaluation, counted)
+            keep, end_sq, nfe = finite, z0_sq, evaluations + 1
         code = first_outcome(
             [
-                (~finite, RESULTS.nonfinite),
+                (~finite | (~reached & ~jnp.isfinite(end_sq)), RESULTS.nonfinite),
                 (reached, RESULTS.successful),
                 (
                     sol.result == diffrax.RESULTS.max_steps_reached,
@@ -392,13 +402,6 @@ class DiffraxBackend(AbstractBackend):
             ],
             RESULTS.diverged,
         )
-        if f is not None:  # (two evaluations: counted)
-            z_sq = sample_sq_norm(tree_sub(f(z, args), z), batched=False)
-            z0_sq = sample_sq_norm(tree_sub(f(z0, args), z0), batched=False)
-            keep = reached | (finite & (z_sq <= z0_sq))
-            nfe = evaluations + 2
-        else:
-            keep, nfe = finite, evaluations
         z = tree_where(keep, z, z0)
         return Forward(z, nfe, code, None, sol, steps=steps)
 
@@ -422,7 +425,7 @@ class DiffraxBackend(AbstractBackend):
         # every step.
         evaluations = _diffrax_evaluations(self.solver, steps) + steps + 1
         return self._outcome(
-            f, args, sol, z0, diffrax.is_event(sol.result), evaluations
+            f, args, sol, z0, diffrax.is_event(sol.result), evaluations, steady=True
         )
 
     def integrate(
@@ -433,7 +436,13 @@ class DiffraxBackend(AbstractBackend):
         sol = self._diffeqsolve(f, z0, args, 1.0, max_steps)
         evaluations = _diffrax_evaluations(self.solver, sol.stats["num_steps"])
         out = self._outcome(
-            None, args, sol, z0, diffrax.is_successful(sol.result), evaluations
+            f,
+            args,
+            sol,
+            z0,
+            diffrax.is_successful(sol.result),
+            evaluations,
+            steady=False,
         )
         return out.z, out
 
@@ -460,9 +469,9 @@ def _unexpected_keywords(unknown, allowed, model_keywords, accepted_by) -> TypeE
         close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.75)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         lines.append(f"unexpected keyword argument {name!r}{hint}")
+    keywords = f"; model keywords: {tuple(model_keywords)}" if model_keywords else ""
     return TypeError(
-        "; ".join(lines) + f" (solver options accepted by {accepted_by}: "
-        f"{tuple(allowed)}; model keywords: {tuple(model_keywords)})"
+        "; ".join(lines) + f" (accepted by {accepted_by}: {tuple(allowed)}{keywords})"
     )
 
 
@@ -499,9 +508,8 @@ def make_backend(
             )
         known = _known_options(solver)
         if known is not None and set(options) - set(known):
-            raise ValueError(
-                f"options: {name} reads no option "
-                f"{sorted(set(options) - set(known))}; it reads {known}"
+            raise _unexpected_keywords(
+                set(options) - set(known), known, (), f"options= of {name}"
             )
         return OptimistixBackend(solver, tuple(sorted(options.items())))
     if isinstance(solver, diffrax.AbstractSolver):

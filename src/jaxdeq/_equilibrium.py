@@ -13,6 +13,7 @@ Models (single- and multiscale) describe their cell as a batched function
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._backend import Forward, make_backend
-from ._misc import sample_sq_norm, tree_all_finite, tree_sub, tree_where
+from ._misc import sample_sq_norm, tree_all_finite, tree_sub
 from ._regularization import JACOBIAN_MODES, jacobian_frobenius_estimate
 from ._solution import RESULTS, DeepEquilibriumSolution
 
@@ -80,13 +81,25 @@ class EquilibriumConfig(eqx.Module):
     ):
         self.backend = make_backend(solver, solver_options, _MODEL_KEYWORDS)
         if compute_dtype is not None:
-            compute_dtype = jnp.dtype(compute_dtype)
+            try:
+                compute_dtype = jnp.dtype(compute_dtype)
+            except TypeError as error:
+                raise TypeError(
+                    "compute_dtype: expected None or a floating dtype such as "
+                    f"jnp.bfloat16, got {compute_dtype!r}"
+                ) from error
             if not jnp.issubdtype(compute_dtype, jnp.floating):
                 raise TypeError(
                     "compute_dtype: expected None or a floating dtype such as "
                     f"jnp.bfloat16, got {compute_dtype}"
                 )
         self.compute_dtype = compute_dtype
+        for name, value in (
+            ("jacobian_regularization", jacobian_regularization),
+            ("problem_type", problem_type),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name}: expected a string, got {value!r}")
         if jacobian_regularization is not None and (
             jacobian_regularization not in JACOBIAN_MODES
         ):
@@ -135,8 +148,9 @@ class EquilibriumConfig(eqx.Module):
             ("max_steps", max_steps, 1),
             ("fixed_depth", fixed_depth, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name}: expected an int >= {low}, got {value!r}")
+            value = int(value)
             if value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         if isinstance(sample_states, bool) or not isinstance(sample_states, int):
@@ -169,8 +183,8 @@ class EquilibriumConfig(eqx.Module):
         self.adjoint = adjoint
         self.jacobian_regularization = jacobian_regularization
         self.problem_type = problem_type
-        self.max_steps = max_steps
-        self.fixed_depth = fixed_depth
+        self.max_steps = int(max_steps)
+        self.fixed_depth = int(fixed_depth)
         self.joint_solve = joint_solve
         self.trace = trace
         self.sample_states = sample_states
@@ -197,7 +211,13 @@ class EquilibriumConfig(eqx.Module):
             if not self.backend.traced_budget:
                 return max_steps
             return jnp.asarray(max_steps, jnp.int32)
-        max_steps = jnp.asarray(max_steps)
+        try:
+            max_steps = jnp.asarray(max_steps)
+        except TypeError as error:
+            raise TypeError(
+                "max_steps: expected an int or a scalar integer array, got "
+                f"{max_steps!r}"
+            ) from error
         if max_steps.shape != () or not jnp.issubdtype(max_steps.dtype, jnp.integer):
             raise TypeError(
                 "max_steps: expected an int or a scalar integer array, got "
@@ -239,8 +259,20 @@ def _fold_in_sample(st: PyTree, index: Array) -> PyTree:
 
 
 def check_cell_output(cell: BatchedCell, ps, st, z0, x, name: str = "model"):
-    """Trace-time check that the cell maps the state to its own shape."""
+    """Trace-time check that the cell maps the state to its own shape, on the batch
+    and on one sample of it (the leading axis of `x` is the batch)."""
     out, _ = jax.eval_shape(cell, ps, st, z0, x)
+    first = jtu.tree_map(lambda leaf: leaf[:1], (z0, x))
+    if jtu.tree_leaves(x)[0].shape[0] > 1:
+        try:
+            jax.eval_shape(cell, ps, st, *first)
+        except (ValueError, TypeError) as error:
+            shapes = jtu.tree_map(jnp.shape, x)
+            raise ValueError(
+                f"x: the cell takes the whole of x ({shapes}) but not one sample of "
+                "it, x[:1]: x must be batch-first (its leading axis is the batch); "
+                "to solve a single sample, pass x[None]"
+            ) from error
     want = jax.eval_shape(lambda: z0)
     got_shapes = jtu.tree_map(lambda s: (s.shape, s.dtype), out)
     want_shapes = jtu.tree_map(lambda s: (s.shape, s.dtype), want)
@@ -490,8 +522,17 @@ def _poison_nonfinite_inputs(
     ok = jnp.broadcast_to(ok, (batch,))
     if problem.joint:  # one coupled problem: a bad sample spoils every sample
         ok = jnp.broadcast_to(jnp.all(ok), (batch,))
-    z = tree_where(
-        ok, z, jtu.tree_map(lambda leaf: jnp.full_like(leaf, jnp.nan), z), batched=True
+    # A multiplication by 1 or NaN: the bad sample's value *and* its tangents (in
+    # forward mode too) are NaN; the others are unchanged, exactly.
+    z = jtu.tree_map(
+        lambda leaf: (
+            leaf
+            * jnp.reshape(
+                jnp.where(ok, 1, jnp.nan).astype(leaf.dtype),
+                (batch,) + (1,) * (leaf.ndim - 1),
+            )
+        ),
+        z,
     )
     result = jnp.where(
         ok, jnp.broadcast_to(out.result, (batch,)), jnp.int32(RESULTS.nonfinite)
@@ -509,4 +550,10 @@ def _raise_if_unsuccessful(z: PyTree[Array], result: Array) -> PyTree[Array]:
         for code in RESULTS
     ]
     worst = jnp.max(result, initial=RESULTS.successful)
-    return eqx.branched_error_if(z, worst != RESULTS.successful, worst, messages)
+    # The check guards a factor of exactly 1 that multiplies the output: its value
+    # is needed by the output's tangents and cotangents too, so the check runs
+    # under `jax.grad` (which would prune a check on the primal output alone).
+    one = eqx.branched_error_if(
+        jnp.ones((), jnp.int32), worst != RESULTS.successful, worst, messages
+    )
+    return jtu.tree_map(lambda leaf: leaf * one.astype(leaf.dtype), z)

@@ -171,6 +171,12 @@ class AbstractEquilibriumModel(AbstractLayer):
                 f"return_solution: expected a bool, got {return_solution!r}"
             )
         check_input(x)
+        if not isinstance(st, dict) or "key" not in st:
+            raise ValueError(
+                "st: expected the state returned by `init` or `apply` (a dict with a "
+                f"'key'), got {type(st).__name__}"
+                + (f" with keys {sorted(st)}" if isinstance(st, dict) else "")
+            )
         out = _on_auto_axes(
             lambda ps, st, x: self._apply(ps, st, x, max_steps), (ps, st, x)
         )

@@ -85,12 +85,14 @@ class DeepEquilibriumSolution(eqx.Module):
         `optx.FixedPointIteration`); for `optx.Newton` one per step plus its dense
         Jacobian, counted as `n` evaluations per step (`n` the size of one sample's
         state, or of the batch's in a joint solve: one forward-mode column each);
-        for `optx.Chord` one per step plus one Jacobian; for a diffrax solver the
-        vector-field evaluations of its stages (explicit Runge-Kutta methods and
-        Euler; implicit solvers' inner iterations are not counted), plus, for a
-        steady state, the steady-state test (at the start and after each step)
-        and two for choosing the lower-residual of the final and initial states.
-        With `fixed_depth`, `fixed_depth`.
+        for `optx.Chord` one per step plus one Jacobian, counted as `n`; for a
+        diffrax solver the vector-field evaluations of its stages (explicit
+        Runge-Kutta methods and Euler; implicit solvers' inner iterations are not
+        counted), plus, for a steady state, the steady-state test (at the start and
+        after each step) and two for choosing the lower-residual of the final and
+        initial states, for a neural ODE one at the initial state (telling a
+        non-finite vector field from a spent budget). With `fixed_depth`,
+        `fixed_depth` (and `result` is `successful`: there is no tolerance).
     - `steps`: per-sample number of solver steps (attempted ODE steps, rejected ones
         included, for diffrax), shape `(batch,)`.
     - `result`: per-sample [`jaxdeq.RESULTS`][] code, shape `(batch,)`.

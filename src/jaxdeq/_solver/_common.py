@@ -97,6 +97,7 @@ def check_common_options(
 ) -> None:
     check_tolerance(solver, "rtol", rtol)
     check_tolerance(solver, "atol", atol)
+    check_tolerance(solver, "divergence_factor", divergence_factor)
     if termination not in TERMINATIONS:
         raise ValueError(
             f"{solver}(termination=...): expected one of {TERMINATIONS}, got "

@@ -15,6 +15,7 @@ from ._common import (
     Termination,
     Y,
     check_common_options,
+    check_tolerance,
     ravel,
     scaled_residual_size,
 )
@@ -150,6 +151,8 @@ class Anderson(optx.AbstractFixedPointSolver[Y, Aux, _AndersonState]):
             raise ValueError(
                 f"Anderson(memory=...): expected a positive int, got {self.memory!r}"
             )
+        check_tolerance("Anderson", "ridge", self.ridge)
+        check_tolerance("Anderson", "damping", self.damping)
         if isinstance(self.ridge, (int, float)) and not self.ridge > 0:
             raise ValueError(f"Anderson(ridge=...): expected > 0, got {self.ridge}")
         if isinstance(self.damping, (int, float)) and not self.damping > 0:

@@ -130,7 +130,11 @@ class Broyden(optx.AbstractRootFinder[Y, Y, Aux, _BroydenState]):
     divergence_factor: float = 1e4
 
     def __check_init__(self):
-        if not isinstance(self.memory, int) or self.memory < 1:
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int):
+            raise TypeError(
+                f"Broyden(memory=...): expected a positive int, got {self.memory!r}"
+            )
+        if self.memory < 1:
             raise ValueError(
                 f"Broyden(memory=...): expected a positive int, got {self.memory!r}"
             )
