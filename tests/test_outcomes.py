@@ -169,7 +169,9 @@ def test_containers_return_their_deq_solutions():
     grads = jax.grad(jacobian_loss)(ps)
     assert np.any(grads[1][0]["model"][0][0]["kernel"] != 0)
     with pytest.raises(TypeError, match="return_solution"):
-        jaxdeq.flax.DEQ(nn.Dense(2, 2)).init(jax.random.key(0), x, return_solution=True)
+        jaxdeq.equinox.DEQ(nn.Dense(2, 2), x, key=jax.random.key(0))(
+            x, return_solution=True
+        )
 
 
 # --- non-finite values ----------------------------------------------------------
