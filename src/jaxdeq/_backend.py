@@ -50,6 +50,12 @@ class Forward(eqx.Module):
     original: Any
     # Iterates sampled along the solve (`samples=k`): leaves `(k, *z.shape)`.
     samples: PyTree[Array] | None = None
+    # The step at which the returned iterate was evaluated, when it is the
+    # lowest-residual one (optimistix backend; per sample in a joint solve).
+    best_step: Int[Array, "*batch"] | None = None
+    # The solver's final state, when the gradient mode asks for it
+    # (`AbstractAdjoint.needs_solver_state`): e.g. Broyden's inverse Jacobian.
+    solver_state: PyTree | None = None
 
 
 class AbstractBackend(eqx.Module):
@@ -83,9 +89,11 @@ class AbstractBackend(eqx.Module):
         batched: bool,
         trace: bool,
         samples: int,
+        solver_state: bool = False,
     ) -> Forward:
         """Solve for a fixed point of `f(., args)` from `z0`, at most
-        `min(budget, max_steps)` steps, inside `loop`."""
+        `min(budget, max_steps)` steps, inside `loop`; with `solver_state`, also
+        return the solver's final state."""
 
 
 class _LoopState(eqx.Module):
@@ -96,6 +104,7 @@ class _LoopState(eqx.Module):
     solver_state: PyTree  # the dynamic (array) part of the solver's state
     best_z: PyTree[Array]  # the evaluated iterate with the lowest residual so far
     best_sq: Float[Array, "*batch"]  # its squared residual norm
+    best_step: Int[Array, "*batch"]  # the step that evaluated it
     done: Bool[Array, ""]
     result: optx.RESULTS
     residual_trace: Float[Array, "..."] | None
@@ -114,7 +123,18 @@ class OptimistixBackend(AbstractBackend):
     neural_ode: ClassVar[bool] = False
 
     def solve(
-        self, f, z0, args, budget, loop, *, max_steps, batched, trace, samples
+        self,
+        f,
+        z0,
+        args,
+        budget,
+        loop,
+        *,
+        max_steps,
+        batched,
+        trace,
+        samples,
+        solver_state=False,
     ) -> Forward:
         """With `samples=k > 0`, also returns `k` iterates at the evenly spaced steps
         `ceil(j * max_steps / k)`, `j = 1..k` (the last iterate where the solve
@@ -146,6 +166,7 @@ class OptimistixBackend(AbstractBackend):
             solver_state=dynamic_state,
             best_z=z0,
             best_sq=best_sq,
+            best_step=jnp.zeros(best_sq.shape, jnp.int32),
             done=done,
             result=result,
             residual_trace=(
@@ -189,6 +210,7 @@ class OptimistixBackend(AbstractBackend):
                 solver_state=eqx.partition(state, eqx.is_array)[0],
                 best_z=tree_where(better, y_eval, c.best_z, batched=batched),
                 best_sq=jnp.where(better, sq, c.best_sq),
+                best_step=jnp.where(better, c.step, c.best_step),
                 done=done,
                 result=result,
                 residual_trace=residual_trace,
@@ -226,7 +248,16 @@ class OptimistixBackend(AbstractBackend):
             if residual_trace is not None:
                 residual_trace = residual_trace.T
         sampled = c.sampled if samples else None
-        return Forward(z, nfe, code, residual_trace, original, sampled)
+        return Forward(
+            z,
+            nfe,
+            code,
+            residual_trace,
+            original,
+            sampled,
+            best_step=c.best_step,
+            solver_state=state if solver_state else None,
+        )
 
 
 def _diffrax_outcome(sol: diffrax.Solution, z0: PyTree[Array], reached) -> Forward:
@@ -312,9 +343,20 @@ class DiffraxBackend(AbstractBackend):
         )
 
     def solve(
-        self, f, z0, args, budget, loop, *, max_steps, batched, trace, samples
+        self,
+        f,
+        z0,
+        args,
+        budget,
+        loop,
+        *,
+        max_steps,
+        batched,
+        trace,
+        samples,
+        solver_state=False,
     ) -> Forward:
-        del loop, trace, batched, samples  # checked at construction
+        del loop, trace, batched, samples, solver_state  # checked at construction
         if budget is not None:
             if not isinstance(budget, int):
                 raise TypeError(
