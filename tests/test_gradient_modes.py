@@ -285,9 +285,19 @@ def _sum_sin(y):
     return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(y))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("mode", sorted(MODES))
+FAST = {("neumann", "deq"), ("neumann", "skip"), ("reversible", "deq")}
+
+
+@pytest.mark.parametrize(
+    "mode, family",
+    [
+        pytest.param(
+            mode, family, marks=() if (mode, family) in FAST else pytest.mark.slow
+        )
+        for mode in sorted(MODES)
+        for family in sorted(FAMILIES)
+    ],
+)
 def test_every_family_joint_jit_vmap(mode, family):
     """The mode's value is its solver's (the implicit mode's over the same
     solver); its gradient is close to the exact one, per-sample and joint alike;

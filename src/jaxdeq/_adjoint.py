@@ -8,11 +8,15 @@ transformations they support:
 |---|---|---|---|
 | `ImplicitAdjoint` | exact at a fixed point | one linear solve (JVPs/VJPs) | flat |
 | `PhantomGradient(k)` | tends to exact as `k` grows | `k` cell VJPs | flat |
+| `NeumannGradient(k)` | truncated Neumann series at `z*` | `k - 1` cell VJPs | flat |
+| `ShineGradient(r)` | Broyden's inverse-Jacobian estimate | `r` cell VJPs | flat |
+| `ReversibleAdjoint` | of the reversible solver's iterates | one VJP per step | flat |
 | `OneStepGradient` | `(I - J)^{-1}` replaced by `I` | 1 cell VJP | flat |
 | `UnrolledAdjoint` | of the solver's iterates | one VJP per step | grows |
 
-Every mode supports every AD transformation: `jax.grad`, `jax.jvp`, `jax.jacfwd`,
-`jax.jacrev`, `jax.hessian`, gradients of gradients, and `vmap` of all of them.
+Every mode but `ReversibleAdjoint` (a `custom_vjp`: reverse mode only) supports
+every AD transformation: `jax.grad`, `jax.jvp`, `jax.jacfwd`, `jax.jacrev`,
+`jax.hessian`, gradients of gradients, and `vmap` of all of them.
 
 An adjoint also decides how the solver's loop is run (`loop`): a `lax.while_loop`
 that is never differentiated, or, for `UnrolledAdjoint`, a scan that is.
