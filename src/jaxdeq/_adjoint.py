@@ -525,8 +525,14 @@ class NeumannGradient(AbstractAdjoint):
             z0,
             args,
             budget,
-            lambda out: (self._series, self._series),
+            lambda out: (self._series, _canonical_transpose(self._series)),
         )
+
+
+def _canonical_transpose(solve):
+    """A transpose solve whose VJPs run with canonical convolutions: XLA:CPU runs
+    convolution VJPs inside loops far faster in that layout (see _conv_canon.py)."""
+    return lambda vecmat, b: solve(canonicalize_convolutions(vecmat), b)
 
 
 def _broyden_inverse(state, b, *, transpose: bool):
@@ -624,7 +630,7 @@ class ShineGradient(AbstractAdjoint):
 
             return solve
 
-        return solver(False), solver(True)
+        return solver(False), _canonical_transpose(solver(True))
 
     def apply(self, forward, f, z0, args, budget):
         return _linear_solve_rule(self, forward, f, z0, args, budget, self._solvers)
@@ -751,8 +757,10 @@ class ReversibleAdjoint(AbstractAdjoint):
 
             zeros = jtu.tree_map(jnp.zeros_like, current)
             init = (steps, previous, current, zeros, zeros, zero_cotangent(diff))
+            # Canonical convolutions: XLA:CPU runs convolution VJPs inside loops
+            # far faster in that layout (see _conv_canon.py).
             _, first, second, prev_bar, cur_bar, diff_bar = jax.lax.while_loop(
-                lambda carry: carry[0] > 0, body, init
+                lambda carry: carry[0] > 0, canonicalize_convolutions(body), init
             )
             cur_bar = inject(0, cur_bar)
             if self.callback is not None:
