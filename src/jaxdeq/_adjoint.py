@@ -654,6 +654,14 @@ class ReversibleAdjoint(AbstractAdjoint):
     Reverse mode only (`jax.grad`, `jax.vjp`, `jax.jacrev`, and `vmap` of them):
     it is a `jax.custom_vjp`.
 
+    **Cost.** One cell evaluation and one VJP per forward step. In per-sample
+    solves (the default) the backward loop runs under the batch's `vmap`, so it
+    carries one parameter cotangent per sample (memory `batch x parameters`, flat
+    in the number of steps, and that much memory traffic per step): on the W1
+    benchmark workload (batch 128, a 256-wide dense cell) its train step is several
+    times the implicit mode's (`benchmarks/RESULTS.md`). A joint solve
+    (`joint_solve=True`) carries one.
+
     Needs the forward solver to be `jaxdeq.Reversible`: any other solver is an
     error when the model is built.
 
