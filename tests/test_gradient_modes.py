@@ -153,6 +153,18 @@ def test_shine_on_a_linear_cell():
     assert errors[2] < 1e-10
     assert [int(s.steps) for s in calls] == [1, 1, 1]  # the residual check only
 
+    # Forward mode applies -H where reverse mode applies -H^T: <grad, v> == JVP.
+    model = _model(jaxdeq.ShineGradient(), BROYDEN, cell=_linear_cell(4))
+    ps, st = model.init(jax.random.key(0), x)
+
+    def loss_x(x):
+        return jnp.sum(jnp.sin(_solve(model, ps, st, x)[0]))
+
+    v = jnp.cos(3.0 * x)
+    grad_x = jax.jit(jax.grad(loss_x))(x)
+    jvp = jax.jit(lambda x, v: jax.jvp(loss_x, (x,), (v,))[1])(x, v)
+    assert np.isclose(jvp, jnp.sum(grad_x * v), rtol=1e-12)
+
 
 # Reversible
 
