@@ -2,10 +2,12 @@
 one, what its backward pass costs, and how its training memory grows with the
 forward step budget.
 
-For each mode (implicit by fixed-point iteration and by GMRES, phantom gradient,
-one-step/Jacobian-free, unrolled backprop) on the W1/W2 cells of BENCHMARKS.md,
-solved per sample by jaxdeq's Anderson (memory 5, ridge 1e-4, relative residual
-1e-4, 30 steps):
+For each mode (implicit by its default and by fixed-point iteration, phantom
+gradient, Neumann-series phantom gradient, SHINE with and without refinement,
+reversible, one-step/Jacobian-free, unrolled backprop) on the W1/W2 cells of
+BENCHMARKS.md, solved per sample by jaxdeq's Anderson (memory 5, ridge 1e-4,
+relative residual 1e-4, 30 steps; SHINE by jaxdeq's Broyden, the reversible mode by
+jaxdeq's Reversible, same tolerance and cap):
 
 - **cosine**: cosine similarity of the full training gradient (injection, cell and
   head parameters) with the exact gradient, from a forward solve run to 100 steps
@@ -19,6 +21,7 @@ solved per sample by jaxdeq's Anderson (memory 5, ridge 1e-4, relative residual
   property of the compiled program, deterministic on CPU, unlike RSS.
 
     python benchmarks/bench_gradients.py [--w2-batch 4] [--reps 5] [--w2-reps 2]
+        [--modes shine,reversible]
 
 On CPU, W2's implicit and unrolled backward passes run convolution VJPs inside
 loops, which XLA:CPU executes far slower than unrolled (BENCHMARKS.md), so W2
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -50,15 +54,6 @@ from jaxdeq import nn
 RESULTS = Path(__file__).resolve().parent / "results" / "gradients.md"
 MAX_STEPS = 30
 MEMORY_BUDGETS = (10, 30, 100)
-MODES: dict[str, jaxdeq.AbstractAdjoint] = {
-    "implicit (auto, default)": jaxdeq.ImplicitAdjoint(),
-    "implicit (fixed point, 30)": jaxdeq.ImplicitAdjoint(
-        "fixed_point", rtol=1e-6, max_steps=30, throw=False
-    ),
-    "phantom (5 steps, 0.8)": jaxdeq.PhantomGradient(5, 0.8),
-    "one-step (JFB)": jaxdeq.OneStepGradient(),
-    "unrolled": jaxdeq.UnrolledAdjoint(),
-}
 EXACT = jaxdeq.ImplicitAdjoint(rtol=1e-7, max_steps=500, throw=False)
 
 
@@ -66,6 +61,45 @@ def _anderson(rtol: float) -> jaxdeq.Anderson:
     return jaxdeq.Anderson(
         rtol=rtol, atol=0.0, norm=optx.two_norm, termination="normwise", ridge=1e-4
     )
+
+
+def _broyden(rtol: float) -> jaxdeq.Broyden:
+    return jaxdeq.Broyden(
+        rtol=rtol, atol=0.0, norm=optx.two_norm, termination="normwise"
+    )
+
+
+def _reversible(rtol: float) -> jaxdeq.Reversible:
+    return jaxdeq.Reversible(
+        rtol=rtol, atol=0.0, relaxation=0.8, norm=optx.two_norm, termination="normwise"
+    )
+
+
+# mode -> (gradient mode, forward solver at a relative tolerance)
+MODES: dict[str, tuple[jaxdeq.AbstractAdjoint, Callable[[float], Any]]] = {
+    "implicit (auto, default)": (jaxdeq.ImplicitAdjoint(), _anderson),
+    "implicit (fixed point, 30)": (
+        jaxdeq.ImplicitAdjoint("fixed_point", rtol=1e-6, max_steps=30, throw=False),
+        _anderson,
+    ),
+    "phantom (5 steps, 0.8)": (jaxdeq.PhantomGradient(5, 0.8), _anderson),
+    "Neumann (5 terms, 0.8)": (jaxdeq.NeumannGradient(5, 0.8), _anderson),
+    "SHINE (Broyden fwd)": (jaxdeq.ShineGradient(), _broyden),
+    "SHINE + 5 refine (Broyden fwd)": (jaxdeq.ShineGradient(5), _broyden),
+    "reversible (Reversible fwd, 0.8)": (jaxdeq.ReversibleAdjoint(), _reversible),
+    "one-step (JFB)": (jaxdeq.OneStepGradient(), _anderson),
+    "unrolled": (jaxdeq.UnrolledAdjoint(), _anderson),
+}
+# Modes that report their own backward products through `callback` (a custom_vjp
+# counter around the cell would stop the JVP rule of the first three, and the
+# reversible mode's own count is per sample). The Neumann and SHINE callbacks
+# make one extra product for the true residual: not counted in the table.
+CALLBACK_EXTRA_PRODUCTS = {
+    jaxdeq.ImplicitAdjoint: 0,
+    jaxdeq.NeumannGradient: 1,
+    jaxdeq.ShineGradient: 1,
+    jaxdeq.ReversibleAdjoint: 0,
+}
 
 
 _VJP_CALLS = [0]
@@ -110,10 +144,10 @@ def _counted(cell: Callable) -> Callable:
     return counted
 
 
-def _setup(workload, adjoint, max_steps, rtol=1e-4, count_vjps=False):
+def _setup(workload, adjoint, max_steps, rtol=1e-4, count_vjps=False, solver=None):
     model = jaxdeq.DeepEquilibriumNetwork(
         WorkloadCell(workload, count_vjps),
-        _anderson(rtol),
+        (solver or _anderson)(rtol),
         adjoint=adjoint,
         max_steps=max_steps,
     )
@@ -170,7 +204,9 @@ def _median_seconds(fn: Callable[[], Any], reps: int) -> float:
     return float(np.median(times))
 
 
-def bench_workload(name: str, batch: int, reps: int) -> list[dict]:
+def bench_workload(
+    name: str, batch: int, reps: int, modes: set[str] | None = None
+) -> list[dict]:
     workload = workloads.get_workload(name)
     optimizer = optax.adam(workloads.LEARNING_RATE)
     model, loss = _setup(workload, EXACT, 100, rtol=1e-10)
@@ -178,28 +214,37 @@ def bench_workload(name: str, batch: int, reps: int) -> list[dict]:
     exact, nfe = jax.jit(jax.grad(loss, has_aux=True))(params, st, x, labels)
     exact_nfe = int(nfe.max())
     rows = []
-    for mode, adjoint in MODES.items():
+    for mode, (adjoint, solver) in MODES.items():
+        if modes is not None and not any(m in mode.lower() for m in modes):
+            continue
         row = {"workload": name, "batch": batch, "mode": mode}
-        # The counting callback changes no value: this is the mode's gradient. The
-        # implicit modes count their own products (a custom_vjp counter would stop
-        # their JVP rule); the batch pays the per-sample maximum.
+        # The counting callback changes no value: this is the mode's gradient (the
+        # extra residual product of Neumann/SHINE is not counted); the batch pays
+        # the per-sample maximum.
         reports = []
-        implicit = isinstance(adjoint, jaxdeq.ImplicitAdjoint)
-        if implicit:
-            adjoint = dataclasses.replace(adjoint, callback=reports.append)
-        _, counted_loss = _setup(workload, adjoint, MAX_STEPS, count_vjps=not implicit)
+        extra = CALLBACK_EXTRA_PRODUCTS.get(type(adjoint))
+        if extra is not None:
+            counted = dataclasses.replace(adjoint, callback=reports.append)
+        else:
+            counted = adjoint
+        _, counted_loss = _setup(
+            workload, counted, MAX_STEPS, count_vjps=extra is None, solver=solver
+        )
         _VJP_CALLS[0] = 0
         grads, nfe = jax.block_until_ready(
             jax.jit(jax.grad(counted_loss, has_aux=True))(params, st, x, labels)
         )
         jax.effects_barrier()
-        row["vjps"] = max(int(r.steps) for r in reports) if implicit else _VJP_CALLS[0]
+        if extra is None:
+            row["vjps"] = _VJP_CALLS[0]
+        else:
+            row["vjps"] = max(int(r.steps) for r in reports) - extra
         row["cosine"] = _cosine(grads, exact)
         row["fwd_nfe"] = int(nfe.max())
         opt_state = optimizer.init(params)
         row["temp_mib"] = {}
         for budget in MEMORY_BUDGETS:
-            _, loss = _setup(workload, adjoint, budget)
+            _, loss = _setup(workload, adjoint, budget, solver=solver)
             compiled = (
                 _train_step(loss, optimizer)
                 .lower(params, opt_state, st, x, labels)
@@ -225,12 +270,15 @@ def bench_workload(name: str, batch: int, reps: int) -> list[dict]:
 
 def render(rows: list[dict], command: str, elapsed: float) -> str:
     device = jax.devices()[0]
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     lines = [
         "# Gradient modes: accuracy, backward cost, memory",
         "",
         f"`{command}` on {device.platform} ({device.device_kind}), jax "
-        f"{jax.__version__}, float32, {elapsed:.0f} s. Forward: jaxdeq.Anderson "
-        "(memory 5, ridge 1e-4), per-sample relative residual 1e-4, max 30 steps. "
+        f"{jax.__version__}, float32, {elapsed:.0f} s, load average {load}. "
+        "Forward: jaxdeq.Anderson (memory 5, ridge 1e-4; SHINE: jaxdeq.Broyden, "
+        "memory 10; reversible: jaxdeq.Reversible, relaxation 0.8), per-sample "
+        "relative residual 1e-4, max 30 steps. "
         "Exact gradient: forward at relative tolerance 1e-10 (in float32 it runs to "
         "its 100-step cap, near 1e-7), backward by GMRES to 1e-10. Backward VJPs: "
         "cell VJPs of the backward pass, counted at "
@@ -238,8 +286,10 @@ def render(rows: list[dict], command: str, elapsed: float) -> str:
         "Train step: median of jitted steps (forward + backward + Adam). Temp memory: "
         "XLA's temporary buffers of the compiled train step "
         "(`compile().memory_analysis().temp_size_in_bytes`), deterministic on CPU; "
-        "implicit, phantom and one-step modes keep it flat as max_steps grows, "
-        "unrolled backprop stores every step.",
+        "every mode but unrolled backprop keeps it flat as max_steps grows. The "
+        "reversible mode's backward VJPs equal its forward steps (it reverses "
+        "them); its forward counts one evaluation per half-step of the paper's "
+        "coupled iteration.",
         "",
         "| workload | batch | mode | cosine vs exact | backward VJPs | forward nfe | "
         "train step (ms) | temp MiB @10 | @30 | @100 |",
@@ -272,13 +322,19 @@ def main(argv: list[str] | None = None) -> None:
         "--w2-reps", type=int, default=2, help="timed W2 steps (seconds each on CPU)"
     )
     parser.add_argument("--workloads", default="w1,w2")
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated words: run the modes whose name contains one",
+    )
     args = parser.parse_args(argv)
+    modes = None if args.modes is None else set(args.modes.lower().split(","))
     start = time.perf_counter()
     rows = []
     batches = {"w1": args.w1_batch, "w2": args.w2_batch}
     reps = {"w1": args.reps, "w2": args.w2_reps}
     for name in args.workloads.split(","):
-        rows += bench_workload(name, batches[name], reps[name])
+        rows += bench_workload(name, batches[name], reps[name], modes)
     argv = sys.argv[1:] if argv is None else argv
     command = "python benchmarks/bench_gradients.py " + " ".join(argv)
     table = render(rows, command.strip(), time.perf_counter() - start)

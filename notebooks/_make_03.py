@@ -5,7 +5,7 @@ import nbformat as nbf
 
 cells = [
     nbf.v4.new_markdown_cell(
-        """# Gradient modes: implicit, phantom and Jacobian-free
+        """# Gradient modes: implicit, phantom, Neumann, SHINE, reversible, Jacobian-free
 
 Every DEQ in jaxdeq computes the same forward value, the fixed point `z*`; the
 `adjoint=` argument only decides which gradient is attached to it:
@@ -16,6 +16,18 @@ Every DEQ in jaxdeq computes the same forward value, the fixed point `z*`; the
 * `jaxdeq.PhantomGradient(steps, damping)` (Geng et al., 2021): backpropagation
   through `steps` damped cell applications started at `z*`; it approaches the exact
   gradient as `steps` grows, at a fixed cost;
+* `jaxdeq.NeumannGradient(steps, damping)` (the Neumann-series phantom gradient of
+  the same paper): the truncated series `λ Σ_{i<k} ((1-λ) I + λ J^T)^i g`, every
+  product taken at `z*`; `steps - 1` VJPs;
+* `jaxdeq.ShineGradient(refine_steps)` (SHINE, Ramzi et al., 2022): with a
+  `jaxdeq.Broyden` forward solve, the backward solve is replaced by Broyden's own
+  low-rank estimate of the inverse Jacobian: no VJP at all, or a few refinement
+  steps;
+* `jaxdeq.ReversibleAdjoint()` (reversible DEQs, McCallum et al., 2025): with the
+  `jaxdeq.Reversible` solver, whose coupled iteration can be inverted exactly, the
+  backward pass reconstructs the forward trajectory from its last state and
+  backpropagates through it: the exact gradient of what the forward did, with
+  memory independent of the number of steps;
 * `jaxdeq.OneStepGradient()` (Jacobian-free backprop, Fung et al., 2022): one cell
   application, i.e. `(I - J)^{-1}` replaced by the identity; the cheapest, and a
   descent direction when the cell is contractive.
@@ -51,7 +63,9 @@ x_train.shape, x_test.shape"""
         """The classifier: an input layer, a DEQ whose cell is `tanh(W z + x)` (with `W`
 small enough at initialization for the cell to be contractive), and a linear head.
 The DEQ solves per sample with Anderson acceleration to a relative residual of
-`1e-4`, at most 30 steps."""
+`1e-4`, at most 30 steps; SHINE needs Broyden's method as the forward solver and the
+reversible adjoint the reversible solver (same tolerance and cap; it counts one
+cell evaluation per half-step of the paper's coupled iteration)."""
     ),
     nbf.v4.new_code_cell(
         """WIDTH = 64
@@ -59,22 +73,35 @@ MAX_STEPS = 30
 small = jax.nn.initializers.normal(0.6 / np.sqrt(WIDTH))
 
 
-def classifier(adjoint):
+SOLVERS = {
+    "anderson": jaxdeq.Anderson(rtol=1e-4, atol=0.0, norm=optx.two_norm,
+                                termination="normwise"),
+    "broyden": jaxdeq.Broyden(rtol=1e-4, atol=0.0, norm=optx.two_norm,
+                              termination="normwise"),
+    "reversible": jaxdeq.Reversible(rtol=1e-4, atol=0.0, relaxation=0.8,
+                                    norm=optx.two_norm, termination="normwise"),
+}
+
+
+def classifier(adjoint, solver="anderson"):
     cell = nn.Chain(
         nn.Parallel(jnp.add, nn.Dense(WIDTH, WIDTH, use_bias=False, kernel_init=small),
                     nn.NoOpLayer()),
         nn.WrappedFunction(jnp.tanh))
-    solver = jaxdeq.Anderson(rtol=1e-4, atol=0.0, norm=optx.two_norm,
-                             termination="normwise")
+    solver = SOLVERS[solver]
     deq = jaxdeq.DeepEquilibriumNetwork(cell, solver, adjoint=adjoint,
                                         max_steps=MAX_STEPS)
     return nn.Chain(nn.Dense(64, WIDTH, activation=jnp.tanh), deq, nn.Dense(WIDTH, 10))
 
 
+# name -> (gradient mode, forward solver)
 MODES = {
-    "implicit": jaxdeq.ImplicitAdjoint(),
-    "phantom (5 steps)": jaxdeq.PhantomGradient(steps=5, damping=0.8),
-    "one-step (JFB)": jaxdeq.OneStepGradient(),
+    "implicit": (jaxdeq.ImplicitAdjoint(), "anderson"),
+    "phantom (5 steps)": (jaxdeq.PhantomGradient(steps=5, damping=0.8), "anderson"),
+    "Neumann (5 terms)": (jaxdeq.NeumannGradient(steps=5, damping=0.8), "anderson"),
+    "SHINE (Broyden)": (jaxdeq.ShineGradient(), "broyden"),
+    "reversible": (jaxdeq.ReversibleAdjoint(), "reversible"),
+    "one-step (JFB)": (jaxdeq.OneStepGradient(), "anderson"),
 }
 
 
@@ -96,14 +123,16 @@ def loss_fn(model, ps, st, x, y):
 
 At initialization, on one batch: the cosine similarity of each mode's gradient with
 the exact one (here an implicit gradient with tight tolerances), for phantom
-gradients of growing length too."""
+gradients of growing length too. (The reversible mode's gradient is exact for the
+iteration it ran, which stops at the forward tolerance, so its cosine with the
+gradient at the exact fixed point is close to 1 but not equal.)"""
     ),
     nbf.v4.new_code_cell(
         """x0, y0 = jnp.asarray(x_train[:128]), jnp.asarray(y_train[:128])
 
 
-def gradient(adjoint):
-    model = classifier(adjoint)
+def gradient(adjoint, solver="anderson"):
+    model = classifier(adjoint, solver)
     ps, st = model.init(jax.random.key(0), x0)
     grads, _ = jax.jit(jax.grad(lambda ps: loss_fn(model, ps, st, x0, y0), has_aux=True))(ps)
     return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
@@ -116,9 +145,10 @@ def cosine(g):
     return float(g @ exact / (np.linalg.norm(g) * np.linalg.norm(exact)))
 
 
-similarity = {name: cosine(gradient(adjoint)) for name, adjoint in MODES.items()}
+similarity = {name: round(cosine(gradient(*mode)), 5) for name, mode in MODES.items()}
 phantom_steps = [1, 3, 10]
-phantom_similarity = [cosine(gradient(jaxdeq.PhantomGradient(k, 0.8))) for k in phantom_steps]
+phantom_similarity = [round(cosine(gradient(jaxdeq.PhantomGradient(k, 0.8))), 5)
+                      for k in phantom_steps]
 similarity, dict(zip(phantom_steps, phantom_similarity))"""
     ),
     nbf.v4.new_markdown_cell(
@@ -128,8 +158,8 @@ The same initialization, data order and optimizer (Adam, `2e-3`, batches of 64) 
 every mode; only the gradient differs."""
     ),
     nbf.v4.new_code_cell(
-        """def train(adjoint, epochs=5, batch=64, seed=0):
-    model = classifier(adjoint)
+        """def train(adjoint, solver="anderson", epochs=5, batch=64, seed=0):
+    model = classifier(adjoint, solver)
     ps, st = model.init(jax.random.key(seed), x0)
     opt = optax.adam(2e-3)
     opt_state = opt.init(ps)
@@ -160,8 +190,12 @@ every mode; only the gradient differs."""
     return model, ps, st, history
 
 
-results = {name: train(adjoint) for name, adjoint in MODES.items()}
-{name: history["test_acc"][-1] for name, (_, _, _, history) in results.items()}"""
+results = {name: train(*mode) for name, mode in MODES.items()}
+{
+    name: {"test accuracy": history["test_acc"][-1],
+           "seconds after the first epoch": round(sum(history["seconds"][1:]), 2)}
+    for name, (_, _, _, history) in results.items()
+}"""
     ),
     nbf.v4.new_code_cell(
         """def smooth(values, width=10):
@@ -183,13 +217,21 @@ for ax in axes:
 fig.tight_layout()"""
     ),
     nbf.v4.new_markdown_cell(
-        """The three modes share the forward solve, so they differ in the backward pass
-only: JFB does one cell VJP, the phantom gradient five, the implicit gradient as many
-as its backward solve needs. On a contractive cell like this one the cheap gradients
+        """The Anderson-based modes share the forward solve, so they differ in the
+backward pass only: JFB does one cell VJP, the Neumann series four, the phantom
+gradient five, the implicit gradient as many as its backward solve needs; SHINE
+does none (its forward is Broyden's), and the reversible mode one evaluation and
+one VJP per forward step. On a contractive cell like this one the cheap gradients
 point close to the exact one (first table: the phantom gradient closes in on it as
-its number of steps grows), and the three training curves stay close; how well the
-cheap gradients track the exact one during training depends on the cell staying
-contractive (see `jaxdeq.spectral_radius` and Jacobian regularization).
+its number of steps grows, and the Neumann series, with every product at `z*`,
+gives the same gradient here since the solve has converged), and most training
+curves stay close. SHINE is only as good as Broyden's secant information along the
+gradient's direction: its cosine is the lowest but JFB's, and its curve lags here;
+`ShineGradient(refine_steps=k)` closes the gap at `k` VJPs. How well the cheap
+gradients track the exact one during training depends on the cell staying
+contractive (see `jaxdeq.spectral_radius` and Jacobian regularization). The
+timings come from a shared CPU and a tiny model: read them as orders of magnitude,
+and see `benchmarks/RESULTS.md` for measured costs.
 
 ## Evaluation with a different step budget, without recompiling
 

@@ -4,8 +4,11 @@ from . import equinox as equinox, flax as flax, nn as nn
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     ImplicitAdjoint as ImplicitAdjoint,
+    NeumannGradient as NeumannGradient,
     OneStepGradient as OneStepGradient,
     PhantomGradient as PhantomGradient,
+    ReversibleAdjoint as ReversibleAdjoint,
+    ShineGradient as ShineGradient,
     UnrolledAdjoint as UnrolledAdjoint,
 )
 from ._checkpoint import (
@@ -33,7 +36,11 @@ from ._solution import (
     RESULTS as RESULTS,
     DeepEquilibriumSolution as DeepEquilibriumSolution,
 )
-from ._solver import Anderson as Anderson, Broyden as Broyden
+from ._solver import (
+    Anderson as Anderson,
+    Broyden as Broyden,
+    Reversible as Reversible,
+)
 from ._zoo import (
     MDEQImageClassifier as MDEQImageClassifier,
     mdeq_image_classifier as mdeq_image_classifier,

@@ -54,6 +54,12 @@ class Forward(eqx.Module):
     samples: PyTree[Array] | None = None
     # Solver (or ODE) steps; `nfe` counts cell evaluations.
     steps: Int[Array, "*batch"] | None = None
+    # The step at which the returned iterate was evaluated, when it is the
+    # lowest-residual one (optimistix backend; per sample in a joint solve).
+    best_step: Int[Array, "*batch"] | None = None
+    # The solver's final state, when the gradient mode asks for it
+    # (`AbstractAdjoint.needs_solver_state`): e.g. Broyden's inverse Jacobian.
+    solver_state: PyTree | None = None
 
 
 class AbstractBackend(eqx.Module):
@@ -87,9 +93,11 @@ class AbstractBackend(eqx.Module):
         batched: bool,
         trace: bool,
         samples: int,
+        solver_state: bool = False,
     ) -> Forward:
         """Solve for a fixed point of `f(., args)` from `z0`, at most
-        `min(budget, max_steps)` steps, inside `loop`."""
+        `min(budget, max_steps)` steps, inside `loop`; with `solver_state`, also
+        return the solver's final state."""
 
 
 class _LoopState(eqx.Module):
@@ -100,6 +108,7 @@ class _LoopState(eqx.Module):
     solver_state: PyTree  # the dynamic (array) part of the solver's state
     best_z: PyTree[Array]  # the evaluated iterate with the lowest residual so far
     best_sq: Float[Array, "*batch"]  # its squared residual norm
+    best_step: Int[Array, "*batch"]  # the step that evaluated it
     done: Bool[Array, ""]
     result: optx.RESULTS
     residual_trace: Float[Array, "..."] | None
@@ -118,7 +127,18 @@ class OptimistixBackend(AbstractBackend):
     neural_ode: ClassVar[bool] = False
 
     def solve(
-        self, f, z0, args, budget, loop, *, max_steps, batched, trace, samples
+        self,
+        f,
+        z0,
+        args,
+        budget,
+        loop,
+        *,
+        max_steps,
+        batched,
+        trace,
+        samples,
+        solver_state=False,
     ) -> Forward:
         """With `samples=k > 0`, also returns `k` iterates at the evenly spaced steps
         `ceil(j * max_steps / k)`, `j = 1..k` (the last iterate where the solve
@@ -150,6 +170,7 @@ class OptimistixBackend(AbstractBackend):
             solver_state=dynamic_state,
             best_z=z0,
             best_sq=best_sq,
+            best_step=jnp.zeros(best_sq.shape, jnp.int32),
             done=done,
             result=result,
             residual_trace=(
@@ -198,6 +219,7 @@ class OptimistixBackend(AbstractBackend):
                 solver_state=eqx.partition(state, eqx.is_array)[0],
                 best_z=tree_where(better, y_eval, c.best_z, batched=batched),
                 best_sq=jnp.where(better, sq, c.best_sq),
+                best_step=jnp.where(better, c.step, c.best_step),
                 done=done,
                 result=result,
                 residual_trace=residual_trace,
@@ -246,7 +268,17 @@ class OptimistixBackend(AbstractBackend):
             if residual_trace is not None:
                 residual_trace = residual_trace.T
         sampled = c.sampled if samples else None
-        return Forward(z, nfe, code, residual_trace, original, sampled, steps)
+        return Forward(
+            z,
+            nfe,
+            code,
+            residual_trace,
+            original,
+            sampled,
+            steps,
+            best_step=c.best_step,
+            solver_state=state if solver_state else None,
+        )
 
 
 def _evaluations_per_step(solver, size: int) -> tuple[int, int]:
@@ -406,9 +438,20 @@ class DiffraxBackend(AbstractBackend):
         return Forward(z, nfe, code, None, sol, steps=steps)
 
     def solve(
-        self, f, z0, args, budget, loop, *, max_steps, batched, trace, samples
+        self,
+        f,
+        z0,
+        args,
+        budget,
+        loop,
+        *,
+        max_steps,
+        batched,
+        trace,
+        samples,
+        solver_state=False,
     ) -> Forward:
-        del loop, trace, batched, samples  # checked at construction
+        del loop, trace, batched, samples, solver_state  # checked at construction
         if budget is not None:
             if not isinstance(budget, int):
                 raise TypeError(

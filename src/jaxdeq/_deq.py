@@ -53,8 +53,10 @@ class DeepEquilibriumNetwork(AbstractEquilibriumModel):
     - `problem_type`: `"steady_state"`, or `"ode"` for a neural ODE
         `dz/dt = f(z, x) - z` on `[0, 1]` (needs a diffrax solver), returning `z(1)`.
     - `adjoint`: the gradient mode: `jaxdeq.ImplicitAdjoint()` (default),
-        `jaxdeq.PhantomGradient`, `jaxdeq.OneStepGradient` or
-        `jaxdeq.UnrolledAdjoint`.
+        `jaxdeq.PhantomGradient`, `jaxdeq.NeumannGradient`,
+        `jaxdeq.ShineGradient` (with `jaxdeq.Broyden`),
+        `jaxdeq.ReversibleAdjoint` (with `jaxdeq.Reversible`),
+        `jaxdeq.OneStepGradient` or `jaxdeq.UnrolledAdjoint`.
     - `max_steps`: the step cap of the solve (static; `apply(..., max_steps=n)` lowers
         it per call without recompiling).
     - `fixed_depth`: if `> 0`, apply `f` exactly that many times from `z0` with plain

@@ -141,9 +141,12 @@ class EquilibriumConfig(eqx.Module):
         if not isinstance(adjoint, AbstractAdjoint):
             raise TypeError(
                 "adjoint: expected a gradient mode such as jaxdeq.ImplicitAdjoint(), "
-                f"jaxdeq.PhantomGradient(), jaxdeq.OneStepGradient() or "
-                f"jaxdeq.UnrolledAdjoint(), got {type(adjoint).__name__}"
+                "jaxdeq.PhantomGradient(), jaxdeq.NeumannGradient(), "
+                "jaxdeq.ShineGradient(), jaxdeq.OneStepGradient(), "
+                "jaxdeq.ReversibleAdjoint() or jaxdeq.UnrolledAdjoint(), got "
+                f"{type(adjoint).__name__}"
             )
+        adjoint.check_solver(solver)
         for name, value, low in (
             ("max_steps", max_steps, 1),
             ("fixed_depth", fixed_depth, 0),
@@ -405,6 +408,7 @@ def _solve(
         batched=problem.joint,
         trace=config.trace,
         samples=config.sample_states,
+        solver_state=config.adjoint.needs_solver_state,
     )
     if problem.joint:
         args = (ps, problem.st, x)

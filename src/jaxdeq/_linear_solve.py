@@ -23,10 +23,11 @@ import equinox as eqx
 import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._misc import accumulation_dtype
+from ._misc import accumulation_dtype, tree_sub
 from ._solution import RESULTS, first_outcome
 
 if TYPE_CHECKING:
@@ -319,3 +320,56 @@ def solve_linear(settings: "ImplicitAdjoint", matvec: Callable, b: PyTree) -> Py
             [_FAILURE.format(_FAILURES[code]) for code in codes],
         )
     return unravel((u * scale).astype(b_flat.dtype))
+
+
+def tree_norm(tree: PyTree[Array]) -> Array:
+    """The 2-norm of a pytree, accumulated in at least float32."""
+    sums = [
+        jnp.sum(jnp.square(leaf.astype(accumulation_dtype(leaf.dtype))))
+        for leaf in jtu.tree_leaves(tree)
+    ]
+    dtype = max((s.dtype for s in sums), key=lambda d: d.itemsize)
+    return jnp.sqrt(sum(s.astype(dtype) for s in sums))
+
+
+def richardson(
+    matvec: Callable, b: PyTree, u: PyTree, *, steps: int, damping: float
+) -> PyTree:
+    """`steps` damped Richardson steps `u <- u + damping (b - A u)` from `u`
+    (`steps` products with `A`; no stopping test)."""
+
+    def step(_, u):
+        residual = tree_sub(b, matvec(u))
+        return jtu.tree_map(lambda x, r: x + damping * r, u, residual)
+
+    if steps == 0:
+        return u
+    return jax.lax.fori_loop(0, steps, step, u)
+
+
+def report_statistics(
+    callback: Callable[[BackwardStatistics], object] | None,
+    steps: int | Array,
+    residual: PyTree[Array],
+    reference: PyTree[Array],
+) -> None:
+    """Pass the `BackwardStatistics` of an approximate backward pass (no tolerance:
+    `successful` unless something is non-finite) to `callback`, if any."""
+    if callback is None:
+        return
+    residual_norm = tree_norm(residual)
+    reference_norm = tree_norm(reference).astype(residual_norm.dtype)
+    positive = reference_norm > 0
+    stats = BackwardStatistics(
+        steps=jnp.asarray(steps, jnp.int32),
+        residual_norm=residual_norm,
+        relative_residual_norm=jnp.where(
+            positive, residual_norm / jnp.where(positive, reference_norm, 1), 0
+        ),
+        result=jnp.where(
+            jnp.isfinite(residual_norm),
+            jnp.int32(RESULTS.successful),
+            jnp.int32(RESULTS.nonfinite),
+        ),
+    )
+    jax.debug.callback(callback, stats)
