@@ -27,8 +27,8 @@ def _reversible(tol=1e-12, relaxation=0.8):
 
 def _solve(model, ps, st, x):
     """`(y, solution)`: the one place these tests read a solve's solution."""
-    y, st = model.apply(ps, st, x)
-    return y, st["solution"]
+    y, _, solution = model.apply(ps, st, x, return_solution=True)
+    return y, solution
 
 
 def _model(adjoint, solver, *, cell=None, max_steps=300, **kw):
