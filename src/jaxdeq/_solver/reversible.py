@@ -91,15 +91,17 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, ReversibleState]):
             self.relaxation, (int, float)
         ):
             raise TypeError(
-                "`Reversible(relaxation=...)` must be a float, got "
-                f"{self.relaxation!r}."
+                f"Reversible(relaxation=...): expected a float, got {self.relaxation!r}"
             )
         if not (0 < self.relaxation < 2 and self.relaxation != 1):
             raise ValueError(
-                "`Reversible(relaxation=...)` must be in (0, 1) or (1, 2) (the step "
-                f"is inverted by dividing by 1 - relaxation), got {self.relaxation}."
+                "Reversible(relaxation=...): expected a number in (0, 1) or (1, 2) "
+                "(the step is inverted by dividing by 1 - relaxation), got "
+                f"{self.relaxation}"
             )
-        check_common_options("Reversible", self.termination, self.divergence_factor)
+        check_common_options(
+            "Reversible", self.rtol, self.atol, self.termination, self.divergence_factor
+        )
 
     def init(
         self,
