@@ -129,7 +129,7 @@ def parse_args(argv=None):
     add(
         "--jac-weight",
         type=float,
-        default=2.0,
+        default=5.0,
         help="weight of the Jacobian regularization in the loss",
     )
     add("--no-augment", action="store_true", help="no random one-pixel shifts")

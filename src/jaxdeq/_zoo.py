@@ -19,6 +19,15 @@ def _group_norm(num_groups: int) -> AbstractLayer:
     return from_flax(linen.GroupNorm(num_groups=num_groups))
 
 
+import os
+_BLOCK_INIT_SCALE = float(os.environ.get("BIS", "0.1"))
+
+
+def _small_init(scale: float):
+    """LeCun-normal times `scale`."""
+    return jax.nn.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
+
+
 def _upsample(y: Array, factor: int) -> Array:
     """Nearest-neighbour upsampling of NHWC images by an integer factor."""
     return jnp.repeat(jnp.repeat(y, factor, axis=1), factor, axis=2)
@@ -74,7 +83,9 @@ class MDEQBlock(AbstractLayer):
         return {
             "conv1": Conv(3, c, c, use_bias=False),
             "norm1": _group_norm(self.num_groups),
-            "conv2": Conv(3, c, c, use_bias=False),
+            "conv2": Conv(
+                3, c, c, use_bias=False, kernel_init=_small_init(_BLOCK_INIT_SCALE)
+            ),
             "norm2": _group_norm(self.num_groups),
             "norm3": _group_norm(self.num_groups),
         }
@@ -96,9 +107,9 @@ class MDEQBlock(AbstractLayer):
 
         h = jax.nn.relu(run("norm1", run("conv1", z)))
         h = run("conv2", h)
-        if injected is not None:
-            h = h + injected
-        h = run("norm2", h)
+        if injected is None:
+            return jax.nn.relu(h), st
+        h = run("norm2", h + injected)
         return jax.nn.relu(run("norm3", h + z)), st
 
 
@@ -121,7 +132,7 @@ def _mapping(i: int, j: int, channels: Sequence[int], num_groups: int):
         return Chain(*steps)
     return Chain(
         Conv(1, c_in, c_out, use_bias=False),
-        _group_norm(num_groups),
+        *((_group_norm(num_groups),) if os.environ.get("UPGN") else ()),
         WrappedFunction(functools.partial(_upsample, factor=2 ** (i - j))),
     )
 
