@@ -16,6 +16,7 @@ from ._deq import (
     DeepEquilibriumNetwork as DeepEquilibriumNetwork,
     SkipDeepEquilibriumNetwork as SkipDeepEquilibriumNetwork,
 )
+from ._inr import deq_implicit_representation as deq_implicit_representation
 from ._linear_solve import BackwardStatistics as BackwardStatistics
 from ._multiscale import (
     MultiScaleDeepEquilibriumNetwork as MultiScaleDeepEquilibriumNetwork,
