@@ -17,7 +17,7 @@ def _fourier_features(
     x: Float[Array, "batch dim"], frequencies: np.ndarray
 ) -> Float[Array, "batch features"]:
     """`[sin(pi f x), cos(pi f x)]` for every frequency `f` and coordinate axis."""
-    angles = jnp.pi * x[..., :, None] * jnp.asarray(frequencies, x.dtype)
+    angles = jnp.pi * x[..., :, None] * jnp.asarray(frequencies, x.dtype)[None, None]
     angles = angles.reshape(*x.shape[:-1], -1)
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 

@@ -53,6 +53,7 @@ def _add_positions(h: Float[Array, "batch time width"]) -> Array:
     encoding = np.zeros((time, width))
     encoding[:, 0::2] = np.sin(position * rates)
     encoding[:, 1::2] = np.cos(position * rates[: width // 2])
+    encoding = encoding.reshape((1,) * (h.ndim - 2) + encoding.shape)
     return h + jnp.asarray(encoding, h.dtype)
 
 
