@@ -29,11 +29,11 @@ from ._regularization import (
     skip_loss as skip_loss,
     spectral_radius as spectral_radius,
 )
-from ._sharding import shard_map_apply as shard_map_apply
 from ._sequence import (
     causal_transformer_block as causal_transformer_block,
     deq_sequence_model as deq_sequence_model,
 )
+from ._sharding import shard_map_apply as shard_map_apply
 from ._solution import (
     RESULTS as RESULTS,
     DeepEquilibriumSolution as DeepEquilibriumSolution,
