@@ -21,6 +21,7 @@ import run_all
 
 GROUPS = 8
 GN_EPS = 1e-5
+W3_BRANCH_SCALE = 0.1  # as in workloads.py
 NUM_CLASSES = 10
 
 
@@ -54,12 +55,12 @@ def _head(features: int) -> nn.Linear:
     return head
 
 
-def conv_block(params: nn.ParameterDict, z, injection):
-    """The w2 cell `gn(relu(z + gn(inj + conv_b(gn(relu(conv_a(z)))))))`."""
+def conv_block(params: nn.ParameterDict, z, injection, conv_b_scale=1.0):
+    """The w2 cell `gn(relu(z + gn(inj + s conv_b(gn(relu(conv_a(z)))))))`
+    (`s = conv_b_scale`, 1 in w2)."""
     hidden = group_norm(torch.relu(conv(z, params["conv_a"])))
-    return group_norm(
-        torch.relu(z + group_norm(injection + conv(hidden, params["conv_b"])))
-    )
+    branch = conv_b_scale * conv(hidden, params["conv_b"])
+    return group_norm(torch.relu(z + group_norm(injection + branch)))
 
 
 class W1(nn.Module):
@@ -121,16 +122,18 @@ class W3(nn.Module):
         c0, c1 = sizes.channels
         self.channels = (c0, c1)
         self.inject_conv = _conv_weight(3, 3, c0)
+        # conv_b kernels at 0.01 / W3_BRANCH_SCALE, their outputs scaled by it
+        # (see workloads.W3_BRANCH_SCALE)
         self.block0 = nn.ParameterDict(
             {
                 "conv_a": _conv_weight(3, c0, c0, std=0.01),
-                "conv_b": _conv_weight(3, c0, c0, std=0.01),
+                "conv_b": _conv_weight(3, c0, c0, std=0.01 / W3_BRANCH_SCALE),
             }
         )
         self.block1 = nn.ParameterDict(
             {
                 "conv_a": _conv_weight(3, c1, c1, std=0.01),
-                "conv_b": _conv_weight(3, c1, c1, std=0.01),
+                "conv_b": _conv_weight(3, c1, c1, std=0.01 / W3_BRANCH_SCALE),
             }
         )
         self.up_1to0 = _conv_weight(1, c1, c0)
@@ -142,9 +145,9 @@ class W3(nn.Module):
 
     def cell(self, z, injection):
         z0, z1 = z
-        m0 = conv_block(self.block0, z0, injection)
+        m0 = conv_block(self.block0, z0, injection, W3_BRANCH_SCALE)
         hidden = group_norm(torch.relu(conv(z1, self.block1["conv_a"])))
-        m1 = torch.relu(conv(hidden, self.block1["conv_b"]))
+        m1 = W3_BRANCH_SCALE * torch.relu(conv(hidden, self.block1["conv_b"]))
         fused0 = m0 + upsample2(conv(m1, self.up_1to0))
         fused1 = m1 + conv(m0, self.down_0to1, stride=2)
         return [group_norm(fused0), group_norm(fused1)]

@@ -1,17 +1,25 @@
-"""Train a deep equilibrium classifier on scikit-learn's handwritten digits.
+"""Train a convolutional deep equilibrium classifier on scikit-learn's digits.
 
 The main job of `make demo`: a real DEQ on a real data set (1797 8x8 digit images
-shipped with scikit-learn; no download). The network is
+shipped with scikit-learn; no download), to >= 98 % held-out accuracy in about a
+minute of training on two CPU cores. The network is
 
-    x -> Dense(64 -> 128, relu) -> DEQ[ z* = tanh(W z* + x) ] -> Dense(128 -> 10)
+    x -> Conv3x3(1 -> C), GroupNorm                      (the injection u)
+      -> DEQ[ z* = GroupNorm(relu(Conv3x3(z*) + u)) ]    (C channels at 8x8)
+      -> 2x2 average pool -> Dense(16 C -> 10)
 
-with the fixed point found per sample by Anderson acceleration and differentiated
-implicitly, plus Jacobian regularization to keep the cell contractive (and nfe low);
-Adam with gradient clipping and a cosine learning-rate decay.
-Per epoch it prints train/test accuracy, mean solver steps (nfe), mean relative
-residual and wall time, and at the end saves a PNG of accuracy and nfe over training.
+with the fixed point found per sample by Anderson acceleration (stopping when
+||f(z) - z|| <= rtol ||f(z)||, DEQ practice) and differentiated implicitly. The
+cell's convolution starts small (a contraction at initialisation) and Jacobian
+regularization keeps it contractive through training, so (nearly) every sample
+converges within the step budget; Adam with a cosine learning-rate decay, random
+one-pixel shifts as augmentation.
 
-    python examples/digits.py --epochs 20 --out outputs/demo
+Per epoch it prints train/test accuracy, the mean solver steps (nfe) and relative
+residual, the fraction of samples whose solve converged, and wall time; at the end
+the training time, and a PNG of accuracy, loss, nfe and fraction converged per epoch.
+
+    python examples/digits.py --epochs 15 --out outputs/demo
 """
 
 import argparse
@@ -19,6 +27,7 @@ import json
 import pathlib
 import time
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,127 +41,203 @@ import jaxdeq
 from jaxdeq import nn
 
 
-def make_model(width: int = 128, max_steps: int = 30):
-    # W ~ N(0, (0.5 / sqrt(width))^2): spectral radius about 0.5, a contraction at init
-    small = jax.nn.initializers.normal(0.5 / np.sqrt(width))
+def group_norm(groups: int) -> nn.AbstractLayer:
+    return nn.from_flax(linen.GroupNorm(num_groups=groups))
+
+
+def pool_and_flatten(z):
+    """2x2 average pooling of NHWC 8x8 maps, flattened."""
+    return z.reshape(len(z), 4, 2, 4, 2, -1).mean((2, 4)).reshape(len(z), -1)
+
+
+def make_model(
+    channels: int = 32,
+    groups: int = 4,
+    max_steps: int = 40,
+    rtol: float = 1e-3,
+    init_scale: float = 0.3,
+):
+    """The conv DEQ classifier; the cell's kernel is He-normal times `init_scale`
+    (below 1: a contraction at initialisation)."""
+    kernel_init = jax.nn.initializers.variance_scaling(
+        2.0 * init_scale**2, "fan_in", "truncated_normal"
+    )
     cell = nn.Chain(
         nn.Parallel(
             jnp.add,
-            nn.Dense(width, width, use_bias=False, kernel_init=small),
+            nn.Conv(3, channels, channels, use_bias=False, kernel_init=kernel_init),
             nn.NoOpLayer(),
         ),
-        nn.WrappedFunction(jnp.tanh),
+        nn.WrappedFunction(jax.nn.relu),
+        group_norm(groups),
     )
     deq = jaxdeq.DeepEquilibriumNetwork(
         cell,
-        # stop when ||f(z) - z|| <= 1e-4 ||f(z)|| per sample, as DEQ practice does
+        # stop when ||f(z) - z|| <= rtol ||f(z)|| per sample, as DEQ practice does
         jaxdeq.Anderson(
-            rtol=1e-4, atol=1e-6, norm=optx.two_norm, termination="normwise"
+            rtol=rtol, atol=1e-6, norm=optx.two_norm, termination="normwise"
         ),
         jacobian_regularization="forward",
         max_steps=max_steps,
     )
-    return nn.Chain(
-        nn.Dense(64, width, activation=jax.nn.relu), deq, nn.Dense(width, 10)
-    )
+    stem = nn.Chain(nn.Conv(3, 1, channels), group_norm(groups))
+    head = nn.Chain(nn.WrappedFunction(pool_and_flatten), nn.Dense(16 * channels, 10))
+    return nn.Chain(stem, deq, head)
+
+
+def solve_stats(model, ps, st, x):
+    """`(logits, st, solution)`: the logits and the DEQ's per-sample statistics."""
+    logits, st, solutions = model.apply(ps, st, x, return_solution=True)
+    return logits, st, solutions[1]
 
 
 def load_data(seed: int = 0):
     digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
+    x = (digits.images / 16.0).astype(np.float32)[..., None]  # NHWC, 8x8x1
     y = digits.target.astype(np.int32)
     return train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--jac-weight", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path("outputs/demo")
+def shift(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Shift each image by up to one pixel in each direction (zero fill)."""
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dy, dx = rng.integers(0, 3, size=(2, len(x)))
+    return np.stack(
+        [p[i : i + 8, j : j + 8] for p, i, j in zip(padded, dy, dx, strict=True)]
     )
-    args = parser.parse_args(argv)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--epochs", type=int, default=15, help="training epochs")
+    add("--batch-size", type=int, default=32, help="batch size")
+    add("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay)")
+    add("--channels", type=int, default=32, help="channels C of the DEQ state")
+    add("--groups", type=int, default=4, help="GroupNorm groups (divides C)")
+    add(
+        "--init-scale",
+        type=float,
+        default=0.3,
+        help="the cell's conv kernel is He-normal times this at initialisation",
+    )
+    add("--max-steps", type=int, default=40, help="Anderson step budget per sample")
+    add("--rtol", type=float, default=1e-3, help="relative tolerance of the solve")
+    add(
+        "--jac-weight",
+        type=float,
+        default=5.0,
+        help="weight of the Jacobian regularization in the loss",
+    )
+    add("--no-augment", action="store_true", help="no random one-pixel shifts")
+    add("--seed", type=int, default=0, help="seed of the split, init and order")
+    add(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("outputs/demo"),
+        help="directory for training.png and history.json",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
     x_train, x_test, y_train, y_test = load_data(args.seed)
-    print(f"digits: {len(x_train)} train / {len(x_test)} test images, 64 features")
-    model = make_model()
+    print(f"digits: {len(x_train)} train / {len(x_test)} test images, 8x8")
+    model = make_model(
+        args.channels, args.groups, args.max_steps, args.rtol, args.init_scale
+    )
     ps, st = model.init(jax.random.key(args.seed), jnp.asarray(x_train[:2]))
-    schedule = optax.cosine_decay_schedule(args.lr, args.epochs * len(x_train) // 64)
+    steps = len(x_train) // args.batch_size
+    schedule = optax.cosine_decay_schedule(args.lr, args.epochs * steps)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     opt_state = optimizer.init(ps)
 
-    def apply(ps, st, x):
-        # nn.Chain's apply returns (y, st); run its layers here to get the DEQ's
-        # solution too.
-        embed, deq, head = model.layers
-        h, st_embed = embed.apply(ps[0], st[0], x)
-        z, st_deq, solution = deq.apply(ps[1], st[1], h, return_solution=True)
-        logits, st_head = head.apply(ps[2], st[2], z)
-        return logits, (st_embed, st_deq, st_head), solution
+    def summary(solution):
+        return (
+            jnp.sum(solution.nfe),
+            jnp.sum(solution.relative_residual_norm),
+            jnp.sum(solution.result == jaxdeq.RESULTS.successful),
+        )
 
     def loss_fn(ps, st, x, y):
-        logits, st, solution = apply(ps, st, x)
+        logits, st, solution = solve_stats(model, ps, st, x)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         loss = ce + args.jac_weight * solution.jacobian_loss
-        return loss, (st, logits, solution)
+        return loss, (st, logits, ce, solution)
 
     @jax.jit
     def train_step(ps, st, opt_state, x, y):
-        grads, (st, logits, solution) = jax.grad(loss_fn, has_aux=True)(ps, st, x, y)
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        grads, (st, logits, ce, solution) = grad_fn(ps, st, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, ps)
-        stats = (
-            jnp.sum(jnp.argmax(logits, -1) == y),
-            jnp.sum(solution.nfe),
-            jnp.sum(solution.relative_residual_norm),
-        )
+        correct = jnp.sum(jnp.argmax(logits, -1) == y)
+        stats = (correct, ce * len(y), *summary(solution))
         return optax.apply_updates(ps, updates), st, opt_state, stats
 
     @jax.jit
     def evaluate(ps, st, x, y):
-        logits, _, solution = apply(ps, st, x)
-        return jnp.mean(jnp.argmax(logits, -1) == y), jnp.mean(solution.nfe)
+        logits, st, solution = solve_stats(model, ps, st, x)
+        return (jnp.sum(jnp.argmax(logits, -1) == y), *summary(solution))
 
+    def test_metrics(ps, st, chunk=120):
+        """Test accuracy, mean nfe, mean relative residual, fraction converged."""
+        totals = np.zeros(4)
+        for i in range(0, len(x_test), chunk):
+            stats = evaluate(ps, st, x_test[i : i + chunk], y_test[i : i + chunk])
+            totals += np.array([float(s) for s in stats])
+        return totals / len(x_test)
+
+    _, init_nfe, init_residual, init_converged = test_metrics(ps, st)
+    print(
+        f"at init: test nfe {init_nfe:.1f}, rel. residual {init_residual:.1e}, "
+        f"converged {init_converged:.1%}"
+    )
     rng = np.random.default_rng(args.seed)
-    steps = len(x_train) // args.batch_size
     history = []
-    start = time.perf_counter()
+    training_time = 0.0
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
         order = rng.permutation(len(x_train))
-        correct = nfe = residual = 0.0
+        totals = np.zeros(5)
         bar = tqdm(range(steps), desc=f"epoch {epoch:2d}", leave=False, unit="step")
         for i in bar:
             idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            ps, st, opt_state, stats = train_step(
-                ps, st, opt_state, x_train[idx], y_train[idx]
-            )
-            correct, nfe, residual = (
-                a + float(b)
-                for a, b in zip((correct, nfe, residual), stats, strict=True)
-            )
-        n = steps * args.batch_size
-        test_acc, test_nfe = evaluate(ps, st, x_test, y_test)
+            x = x_train[idx] if args.no_augment else shift(x_train[idx], rng)
+            ps, st, opt_state, stats = train_step(ps, st, opt_state, x, y_train[idx])
+            totals += np.array([float(s) for s in stats])
+        seconds = time.perf_counter() - t0
+        training_time += seconds
+        train_acc, loss, nfe, residual, converged = totals / (steps * args.batch_size)
+        test_acc, test_nfe, test_residual, test_converged = test_metrics(ps, st)
         record = dict(
             epoch=epoch,
-            train_acc=correct / n,
-            test_acc=float(test_acc),
-            nfe=nfe / n,
-            test_nfe=float(test_nfe),
-            residual=residual / n,
-            seconds=time.perf_counter() - t0,
+            train_acc=train_acc,
+            test_acc=test_acc,
+            loss=loss,
+            nfe=nfe,
+            test_nfe=test_nfe,
+            residual=residual,
+            test_residual=test_residual,
+            converged=converged,
+            test_converged=test_converged,
+            seconds=seconds,
         )
         history.append(record)
         print(
-            f"epoch {epoch:2d}  train acc {record['train_acc']:.3f}  "
-            f"test acc {record['test_acc']:.3f}  nfe {record['nfe']:5.1f}  "
-            f"rel. residual {record['residual']:.1e}  {record['seconds']:5.1f}s"
+            f"epoch {epoch:2d}  train acc {train_acc:.3f}  test acc {test_acc:.3f}  "
+            f"nfe {nfe:4.1f}  rel. residual {residual:.1e}  "
+            f"converged {converged:6.1%}  {seconds:5.1f}s"
         )
-    total = time.perf_counter() - start
-    print(f"final test accuracy {history[-1]['test_acc']:.4f} in {total:.1f}s")
+    print(
+        f"final test accuracy {history[-1]['test_acc']:.4f}; training time "
+        f"{training_time:.1f}s (first-epoch compilation included)"
+    )
     (args.out / "history.json").write_text(json.dumps(history, indent=1))
     plot(history, args.out / "training.png")
     print(f"wrote {args.out / 'training.png'} and {args.out / 'history.json'}")
@@ -164,17 +249,25 @@ def plot(history, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(epochs, [h["train_acc"] for h in history], label="train")
-    ax1.plot(epochs, [h["test_acc"] for h in history], label="test")
-    ax1.set(xlabel="epoch", ylabel="accuracy", title="DEQ on digits")
-    ax1.legend()
-    ax2.plot(epochs, [h["nfe"] for h in history], label="train (mean per sample)")
-    ax2.plot(epochs, [h["test_nfe"] for h in history], label="test")
-    ax2.set(xlabel="epoch", ylabel="solver steps (nfe)", title="Anderson steps")
-    ax2.legend()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    panels = [
+        ("accuracy", [("train", "train_acc"), ("test", "test_acc")]),
+        ("cross-entropy (train)", [("train", "loss")]),
+        ("solver steps (nfe, mean)", [("train", "nfe"), ("test", "test_nfe")]),
+        ("fraction converged", [("train", "converged"), ("test", "test_converged")]),
+    ]
+    for ax, (ylabel, series) in zip(axes, panels, strict=True):
+        for label, key in series:
+            ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    axes[0].set_title(f"final test accuracy {history[-1]['test_acc']:.3f}")
+    axes[3].set_ylim(-0.02, 1.02)
+    fig.suptitle("Convolutional DEQ on scikit-learn digits")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

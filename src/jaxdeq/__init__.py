@@ -19,6 +19,7 @@ from ._deq import (
     DeepEquilibriumNetwork as DeepEquilibriumNetwork,
     SkipDeepEquilibriumNetwork as SkipDeepEquilibriumNetwork,
 )
+from ._inr import deq_implicit_representation as deq_implicit_representation
 from ._linear_solve import BackwardStatistics as BackwardStatistics
 from ._multiscale import (
     MultiScaleDeepEquilibriumNetwork as MultiScaleDeepEquilibriumNetwork,
@@ -30,6 +31,10 @@ from ._regularization import (
     jacobian_frobenius_estimate as jacobian_frobenius_estimate,
     skip_loss as skip_loss,
     spectral_radius as spectral_radius,
+)
+from ._sequence import (
+    causal_transformer_block as causal_transformer_block,
+    deq_sequence_model as deq_sequence_model,
 )
 from ._sharding import shard_map_apply as shard_map_apply
 from ._solution import (

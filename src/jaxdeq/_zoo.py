@@ -1,4 +1,4 @@
-"""Ready-made models built from jaxdeq's layers: an MDEQ-style image classifier."""
+"""Ready-made models built from jaxdeq's layers (the model zoo)."""
 
 import functools
 from collections.abc import Sequence
@@ -8,16 +8,28 @@ import equinox as eqx
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
+import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray
 
 from ._multiscale import MultiScaleDeepEquilibriumNetwork
 from ._solution import DeepEquilibriumSolution
+from ._solver import Anderson
 from .nn import Chain, Conv, Dense, NoOpLayer, WrappedFunction, from_flax
 from .nn._core import AbstractLayer
 
 
 def _group_norm(num_groups: int) -> AbstractLayer:
     return from_flax(linen.GroupNorm(num_groups=num_groups))
+
+
+# The last conv of each block starts at a tenth of LeCun-normal: the block's output
+# then depends on `z` only weakly next to the injection (scale 0) or to the other
+# scales (coarser scales), so the map is a contraction at initialisation.
+_BLOCK_INIT_SCALE = 0.1
+
+
+def _scaled_lecun_normal(scale: float):
+    return jax.nn.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
 
 
 def _upsample(y: Array, factor: int) -> Array:
@@ -47,9 +59,13 @@ def _pool_and_concatenate(zs: tuple[Array, ...], grid: int) -> Array:
 
 
 class MDEQBlock(AbstractLayer):
-    """The residual block of MDEQ (Bai et al., 2020) for one scale:
-    `h = relu(GN(conv(z)))`, `h = GN(conv(h) + x)`, `y = relu(GN(h + z))`, with 3x3
-    convolutions and GroupNorm; the input injection `x` only with `injection=True`.
+    """The residual block of MDEQ (Bai et al., 2020) for one scale, with 3x3
+    convolutions and GroupNorm. With `injection=True` (scale 0):
+    `h = relu(GN(conv1(z)))`, `h = GN(conv2(h) + x)`, `y = relu(GN(h + z))`; without
+    (the coarser scales, which see no input): `y = relu(conv2(relu(GN(conv1(z)))))`,
+    no normalization after `conv2` and no residual, so that the block stays small next
+    to what the other scales bring in. `conv2` starts at a tenth of LeCun-normal: the
+    model is a contraction at initialisation.
 
     **Arguments:**
 
@@ -61,7 +77,8 @@ class MDEQBlock(AbstractLayer):
 
     **Returns:** `y` shaped like `z`, and the state.
 
-    **Parameters:** `{"conv1", "norm1", "conv2", "norm2", "norm3"}`.
+    **Parameters:** `{"conv1", "norm1", "conv2", "norm2", "norm3"}` (`"norm2"` and
+    `"norm3"` only with `injection`).
 
     **States:** the same keys, each `{}`.
     """
@@ -72,19 +89,23 @@ class MDEQBlock(AbstractLayer):
 
     def _layers(self) -> dict[str, AbstractLayer]:
         c = self.channels
-        return {
+        small = _scaled_lecun_normal(_BLOCK_INIT_SCALE)
+        layers = {
             "conv1": Conv(3, c, c, use_bias=False),
             "norm1": _group_norm(self.num_groups),
-            "conv2": Conv(3, c, c, use_bias=False),
-            "norm2": _group_norm(self.num_groups),
-            "norm3": _group_norm(self.num_groups),
+            "conv2": Conv(3, c, c, use_bias=False, kernel_init=small),
         }
+        if self.injection:
+            layers["norm2"] = _group_norm(self.num_groups)
+            layers["norm3"] = _group_norm(self.num_groups)
+        return layers
 
     def init(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
         z = x[0] if self.injection else x
-        keys = jax.random.split(key, 5)
+        layers = self._layers()
+        keys = jax.random.split(key, len(layers))
         ps, st = {}, {}
-        for k, (name, layer) in zip(keys, self._layers().items(), strict=True):
+        for k, (name, layer) in zip(keys, layers.items(), strict=True):
             ps[name], st[name] = layer.init(k, z)
         return ps, st
 
@@ -97,15 +118,16 @@ class MDEQBlock(AbstractLayer):
 
         h = jax.nn.relu(run("norm1", run("conv1", z)))
         h = run("conv2", h)
-        if injected is not None:
-            h = h + injected
-        h = run("norm2", h)
+        if injected is None:
+            return jax.nn.relu(h), st
+        h = run("norm2", h + injected)
         return jax.nn.relu(run("norm3", h + z)), st
 
 
 def _mapping(i: int, j: int, channels: Sequence[int], num_groups: int):
-    """Scale `i` -> scale `j`: identity, strided 3x3 convs down, or a 1x1 conv and
-    nearest upsampling up."""
+    """Scale `i` -> scale `j`: identity, strided 3x3 convs (+ GroupNorm) down, or a
+    1x1 conv and nearest upsampling up (no normalization: the coarse scale's small
+    output must not be scaled up)."""
     if i == j:
         return NoOpLayer()
     c_in, c_out = channels[i], channels[j]
@@ -122,7 +144,6 @@ def _mapping(i: int, j: int, channels: Sequence[int], num_groups: int):
         return Chain(*steps)
     return Chain(
         Conv(1, c_in, c_out, use_bias=False),
-        _group_norm(num_groups),
         WrappedFunction(functools.partial(_upsample, factor=2 ** (i - j))),
     )
 
@@ -186,8 +207,15 @@ def _zeros_like_output(layer: AbstractLayer, ps, st, x):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out)
 
 
+def default_solver() -> Anderson:
+    """The zoo's solver: Anderson acceleration stopping per sample once
+    `||f(z) - z||_2 <= 1e-3 ||f(z)||_2` (+ `1e-6`), the normwise relative rule of DEQ
+    practice (a fixed elementwise rule is needlessly strict on near-zero entries)."""
+    return Anderson(rtol=1e-3, atol=1e-6, norm=optx.two_norm, termination="normwise")
+
+
 def mdeq_image_classifier(
-    solver: Any,
+    solver: Any = None,
     *,
     num_classes: int = 10,
     image_size: int | tuple[int, int] = 32,
@@ -204,14 +232,16 @@ def mdeq_image_classifier(
     - deq: a [`jaxdeq.MultiScaleDeepEquilibriumNetwork`][] with one scale per entry of
         `channels`, scale `i` at resolution `image_size / 2**i`: an `MDEQBlock`
         per scale (the stem's features injected at scale 0), strided 3x3 convs
-        (+ GroupNorm) to go down, 1x1 conv + GroupNorm + nearest upsampling to go up,
-        and ReLU, 1x1 conv, GroupNorm after fusing;
+        (+ GroupNorm) to go down, 1x1 conv + nearest upsampling to go up, and
+        GroupNorm after fusing;
     - head: every scale through a ReLU, average-pooled to a `head_grid x head_grid`
         map, flattened and concatenated, a linear layer to the logits.
 
     **Arguments:**
 
-    - `solver`: the DEQ's solver, e.g. `jaxdeq.Broyden(rtol=1e-3, atol=1e-3)`.
+    - `solver`: the DEQ's solver; `None` (default): `jaxdeq.Anderson(rtol=1e-3,
+        atol=1e-6, norm=optx.two_norm, termination="normwise")`, which stops each
+        sample once `||f(z) - z|| <= 1e-3 ||f(z)||`.
     - `num_classes`: the number of logits.
     - `image_size`: the input's `(height, width)` (or one int for square images),
         divisible by `2**(len(channels) - 1)`.
@@ -223,6 +253,13 @@ def mdeq_image_classifier(
     - `**deq_kwargs`: keyword arguments of `MultiScaleDeepEquilibriumNetwork`
         (`max_steps`, `adjoint`, `jacobian_regularization`, `init`, ...).
 
+    At initialisation the model is a contraction (the last conv of each block starts
+    at a tenth of LeCun-normal; the coarser scales' blocks have no residual; the
+    upsampling maps have no normalization; fusing ends in GroupNorm alone), so with
+    the default solver (nearly) every sample of digits converges, in 7 to 15 steps.
+    Keep it converging through training with `jacobian_regularization="forward"` and
+    `solution.jacobian_loss` in the loss.
+
     **Returns:** an `MDEQImageClassifier`; its `apply` maps images
     `(batch, height, width, in_channels)` to logits `(batch, num_classes)`. The DEQ is
     `model.deq`, its parameters `ps["deq"]`; `model.apply(ps, st, x,
@@ -233,13 +270,14 @@ def mdeq_image_classifier(
     ```python
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> model = jaxdeq.mdeq_image_classifier(
-    ...     jaxdeq.Broyden(rtol=1e-3, atol=1e-3), image_size=8, in_channels=1,
-    ...     channels=(4, 8), num_groups=2, max_steps=8)
-    >>> x = jnp.ones((2, 8, 8, 1))
+    ...     image_size=8, in_channels=1, channels=(4, 8), num_groups=2)
+    >>> x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
     >>> ps, st = model.init(jax.random.key(0), x)
     >>> logits, st, solution = model.apply(ps, st, x, return_solution=True)
     >>> logits.shape, [z.shape for z in solution.z_star]
     ((2, 10), [(2, 8, 8, 4), (2, 4, 4, 8)])
+    >>> bool(jnp.all(solution.result == jaxdeq.RESULTS.successful))
+    True
 
     ```
     """
@@ -272,14 +310,11 @@ def mdeq_image_classifier(
     mapping_layers = tuple(
         tuple(_mapping(i, j, channels, num_groups) for j in range(n)) for i in range(n)
     )
-    post_fuse_layer = tuple(
-        Chain(
-            WrappedFunction(jax.nn.relu),
-            Conv(1, c, c, use_bias=False),
-            _group_norm(num_groups),
-        )
-        for c in channels
-    )
+    # GroupNorm alone after fusing: MDEQ's ReLU and 1x1 conv before it would, through
+    # the normalization, amplify some directions of the state about 2x at init.
+    post_fuse_layer = tuple(_group_norm(num_groups) for _ in channels)
+    if solver is None:
+        solver = default_solver()
     scales = tuple((height // 2**i, width // 2**i, c) for i, c in enumerate(channels))
     deq = MultiScaleDeepEquilibriumNetwork(
         main_layers, mapping_layers, post_fuse_layer, solver, scales, **deq_kwargs
