@@ -196,7 +196,7 @@ def test_jit_equals_eager_and_vmap_equals_batch(getkey):
     model = _small_model(jaxdeq.Anderson(rtol=1e-6, atol=1e-6))
     ps, st = model.init(getkey(), x)
     z_eager, st_eager, st_eager_solution = model.apply(ps, st, x, return_solution=True)
-    apply = jax.jit(model.apply)
+    apply = jax.jit(model.apply, static_argnames="return_solution")
     z_jit, st_jit, st_jit_solution = apply(ps, st, x, return_solution=True)
     assert tree_allclose(z_eager, z_jit, rtol=1e-5, atol=1e-5)
     assert np.array_equal(st_eager_solution.nfe, st_jit_solution.nfe)
@@ -210,7 +210,7 @@ def test_jit_equals_eager_and_vmap_equals_batch(getkey):
     )
     assert jtu.tree_structure(st) == jtu.tree_structure(st_jit)
     assert all(jtu.tree_leaves(same))
-    apply(ps, st_jit, x)
+    apply(ps, st_jit, x, return_solution=True)
     assert apply._cache_size() == 1
 
 

@@ -138,7 +138,7 @@ def test_dropout_mask_is_fixed_within_a_solve_and_new_across_solves(joint):
     x = jnp.ones((3, 3), jnp.float64)  # identical samples
     model = _dropout_model(joint=joint)
     ps, st = model.init(jax.random.key(0), x)
-    apply = jax.jit(model.apply)
+    apply = jax.jit(model.apply, static_argnames="return_solution")
     z1, st1, st1_solution = apply(ps, st, x, return_solution=True)
     sol = st1_solution
     # A mask redrawn between iterations would keep the iteration from converging.

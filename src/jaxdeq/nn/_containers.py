@@ -234,9 +234,8 @@ class Parallel(AbstractLayer):
             return (x,) * len(self.layers)
         if len(x) != len(self.layers):
             raise ValueError(
-                f"`x` is a tuple of length {len(x)}, but `Parallel` has "
-                f"{len(self.layers)} layers: pass one input per layer, or a non-tuple "
-                f"input to give it to every layer."
+                f"x: expected a tuple with one input per layer ({len(self.layers)}) "
+                f"or a non-tuple input for every layer, got a tuple of length {len(x)}"
             )
         return x
 
