@@ -345,8 +345,8 @@ def from_equinox(
     if state is None:
         if _has_state(module):
             raise ValueError(
-                "`module` holds `eqx.nn.StateIndex` state, so `state` is required: "
-                "pass the `eqx.nn.State` from `eqx.nn.make_with_state`."
+                "state: expected the eqx.nn.State from eqx.nn.make_with_state (the "
+                "module holds eqx.nn.StateIndex state), got None"
             )
     elif not isinstance(state, eqx.nn.State):
         raise TypeError(f"state: expected an eqx.nn.State or None, got {type(state)}")
