@@ -544,6 +544,18 @@ def _broyden_inverse(state, b, *, transpose: bool):
     return unravel((x - low_rank).astype(flat.dtype))
 
 
+def _require_solver(mode, solver, required: type, uses: str, other: str) -> None:
+    """The construction-time error of a gradient mode that needs one solver."""
+    if not isinstance(solver, required):
+        name = required.__name__
+        raise ValueError(
+            f"adjoint: jaxdeq.{type(mode).__name__} {uses} a jaxdeq.{name} forward "
+            f"solve, but the solver is {type(solver).__name__}; use "
+            f"solver=jaxdeq.{name}(...) or another gradient mode (e.g. "
+            f"jaxdeq.{other})"
+        )
+
+
 class ShineGradient(AbstractAdjoint):
     """SHINE (Ramzi et al., ICLR 2022): the backward linear solve replaced by the
     inverse-Jacobian estimate the forward solve already built.
@@ -605,13 +617,13 @@ class ShineGradient(AbstractAdjoint):
         _check_callback(self.callback)
 
     def check_solver(self, solver):
-        if not isinstance(solver, Broyden):
-            raise ValueError(
-                "adjoint: jaxdeq.ShineGradient uses the inverse-Jacobian estimate of "
-                "a jaxdeq.Broyden forward solve, but the solver is "
-                f"{type(solver).__name__}; use solver=jaxdeq.Broyden(...) or another "
-                "gradient mode (e.g. jaxdeq.NeumannGradient)"
-            )
+        _require_solver(
+            self,
+            solver,
+            Broyden,
+            "uses the inverse-Jacobian estimate of",
+            "NeumannGradient",
+        )
 
     def loop(self, cond_fun, body_fun, init_val, *, max_steps):
         return while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)
@@ -699,13 +711,9 @@ class ReversibleAdjoint(AbstractAdjoint):
         _check_callback(self.callback)
 
     def check_solver(self, solver):
-        if not isinstance(solver, Reversible):
-            raise ValueError(
-                "adjoint: jaxdeq.ReversibleAdjoint reverses the steps of a "
-                "jaxdeq.Reversible forward solve, but the solver is "
-                f"{type(solver).__name__}; use solver=jaxdeq.Reversible(...) or "
-                "another gradient mode"
-            )
+        _require_solver(
+            self, solver, Reversible, "reverses the steps of", "ImplicitAdjoint"
+        )
 
     def loop(self, cond_fun, body_fun, init_val, *, max_steps):
         return while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)

@@ -20,7 +20,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
 from ._solution import DeepEquilibriumSolution
-from .nn._core import AbstractLayer
+from .nn._core import AbstractLayer, apply_with_solution, check_return_solution
 
 
 def check_input(x: Any) -> None:
@@ -41,8 +41,7 @@ def apply_model(
     """`model.apply` for the framework wrappers: `(output, st, (solution,))`, or
     `(output, st, ())` without `return_solution`. Only DEQ models take a per-call
     budget; other layers keep the bare protocol."""
-    if not isinstance(return_solution, bool):
-        raise TypeError(f"return_solution: expected a bool, got {return_solution!r}")
+    check_return_solution(return_solution)
     kwargs = {} if max_steps is None else {"max_steps": max_steps}
     if not return_solution:
         out, st = model.apply(ps, st, x, **kwargs)
@@ -52,7 +51,7 @@ def apply_model(
             f"return_solution: {type(model).__name__} returns no solution; use a DEQ "
             "model or a container of one"
         )
-    out, st, solution = model.apply(ps, st, x, return_solution=True, **kwargs)
+    out, st, solution = apply_with_solution(model, ps, st, x, **kwargs)
     return out, st, (solution,)
 
 
@@ -166,10 +165,7 @@ class AbstractEquilibriumModel(AbstractLayer):
         time (under `jit` too), an error carrying the outcome's message when the model
         was built with `throw=True` and a sample's solve did not succeed.
         """
-        if not isinstance(return_solution, bool):
-            raise TypeError(
-                f"return_solution: expected a bool, got {return_solution!r}"
-            )
+        check_return_solution(return_solution)
         check_input(x)
         if not isinstance(st, dict) or "key" not in st:
             raise ValueError(

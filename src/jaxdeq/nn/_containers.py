@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 from jaxtyping import PRNGKeyArray
 
-from ._core import AbstractLayer, apply_with_solution
+from ._core import AbstractLayer, apply_with_solution, check_return_solution
 
 
 def _check_layers(layers: tuple, *, at_least_one: bool) -> None:
@@ -43,11 +43,6 @@ def _prepare_children(
         for layer, layer_ps, layer_st in zip(layers, ps, st, strict=True)
     ]
     return tuple(p for p, _ in prepared), tuple(s for _, s in prepared)
-
-
-def _check_flag(return_solution: Any) -> None:
-    if not isinstance(return_solution, bool):
-        raise TypeError(f"return_solution: expected a bool, got {return_solution!r}")
 
 
 def _split_key(key: PRNGKeyArray, num_layers: int) -> list[PRNGKeyArray]:
@@ -143,7 +138,7 @@ class Chain(AbstractLayer):
     def apply(
         self, ps: tuple, st: tuple, x: Any, *, return_solution: bool = False
     ) -> tuple[Any, tuple] | tuple[Any, tuple, tuple]:
-        _check_flag(return_solution)
+        check_return_solution(return_solution)
         _check_per_layer("ps", ps, len(self.layers))
         _check_per_layer("st", st, len(self.layers))
         new_st, solutions = [], []
@@ -266,7 +261,7 @@ class Parallel(AbstractLayer):
     def apply(
         self, ps: tuple, st: tuple, x: Any, *, return_solution: bool = False
     ) -> tuple[Any, tuple] | tuple[Any, tuple, tuple]:
-        _check_flag(return_solution)
+        check_return_solution(return_solution)
         outputs, new_st, solutions = _apply_children(
             self.layers, ps, st, self._inputs(x)
         )
@@ -343,7 +338,7 @@ class BranchLayer(AbstractLayer):
     def apply(
         self, ps: tuple, st: tuple, x: Any, *, return_solution: bool = False
     ) -> tuple[tuple, tuple] | tuple[tuple, tuple, tuple]:
-        _check_flag(return_solution)
+        check_return_solution(return_solution)
         outputs, new_st, solutions = _apply_children(
             self.layers, ps, st, (x,) * len(self.layers)
         )

@@ -50,6 +50,11 @@ class AbstractLayer(eqx.Module):
     returns_solution: ClassVar[bool] = False
 
 
+def check_return_solution(return_solution: Any) -> None:
+    if not isinstance(return_solution, bool):
+        raise TypeError(f"return_solution: expected a bool, got {return_solution!r}")
+
+
 def apply_with_solution(
     layer: AbstractLayer, ps: PyTree, st: PyTree, x: Any, **kwargs
 ) -> tuple[Any, PyTree, Any]:
