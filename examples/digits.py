@@ -24,6 +24,7 @@ the training time, and a PNG of accuracy, loss, nfe and fraction converged per e
 
 import argparse
 import json
+import math
 import pathlib
 import time
 
@@ -107,28 +108,49 @@ def shift(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     )
 
 
+def _number(kind, low, *, inclusive):
+    """An argparse type: a finite `kind` above `low` (or at least `low`)."""
+
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text}")
+        return value
+
+    return parse
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--epochs", type=int, default=15, help="training epochs")
-    add("--batch-size", type=int, default=32, help="batch size")
-    add("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay)")
-    add("--channels", type=int, default=32, help="channels C of the DEQ state")
-    add("--groups", type=int, default=4, help="GroupNorm groups (divides C)")
+    positive_int = _number(int, 0, inclusive=False)
+    positive = _number(float, 0.0, inclusive=False)
+    nonnegative = _number(float, 0.0, inclusive=True)
+    add("--epochs", type=positive_int, default=15, help="training epochs")
+    add("--batch-size", type=positive_int, default=32, help="batch size")
+    add("--lr", type=positive, default=3e-3, help="peak learning rate (cosine decay)")
+    add("--channels", type=positive_int, default=32, help="channels C of the DEQ state")
+    add("--groups", type=positive_int, default=4, help="GroupNorm groups (divides C)")
     add(
         "--init-scale",
-        type=float,
+        type=positive,
         default=0.3,
         help="the cell's conv kernel is He-normal times this at initialisation",
     )
-    add("--max-steps", type=int, default=40, help="Anderson step budget per sample")
-    add("--rtol", type=float, default=1e-3, help="relative tolerance of the solve")
+    add(
+        "--max-steps",
+        type=positive_int,
+        default=40,
+        help="Anderson step budget per sample",
+    )
+    add("--rtol", type=positive, default=1e-3, help="relative tolerance of the solve")
     add(
         "--jac-weight",
-        type=float,
+        type=nonnegative,
         default=5.0,
         help="weight of the Jacobian regularization in the loss",
     )
@@ -140,7 +162,10 @@ def parse_args(argv=None):
         default=pathlib.Path("outputs/demo"),
         help="directory for training.png and history.json",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.channels % args.groups:
+        parser.error(f"--groups: expected a divisor of --channels {args.channels}")
+    return args
 
 
 def main(argv=None):

@@ -88,3 +88,17 @@ def test_readme_quick_start_converges_at_init(digits):
             model = namespace[name]
             ps, st = model.init(jax.random.key(0), h[:2])
             assert fraction_converged(solve_stats(model, ps, st, h)) >= 0.95, name
+
+
+def test_builders_take_an_empty_batch():
+    mdeq = jaxdeq.mdeq_image_classifier(
+        image_size=8, in_channels=1, channels=(4, 8), num_groups=2
+    )
+    inr = jaxdeq.deq_implicit_representation(width=32, num_frequencies=4)
+    with jax.enable_x64(False):
+        for model, x, out in (
+            (mdeq, jnp.ones((2, 8, 8, 1)), (0, 10)),
+            (inr, jnp.zeros((5, 2)), (0, 3)),
+        ):
+            ps, st = model.init(jax.random.key(0), x)
+            assert model.apply(ps, st, jnp.zeros((0, *x.shape[1:])))[0].shape == out

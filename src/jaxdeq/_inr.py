@@ -18,7 +18,8 @@ def _fourier_features(
 ) -> Float[Array, "batch features"]:
     """`[sin(pi f x), cos(pi f x)]` for every frequency `f` and coordinate axis."""
     angles = jnp.pi * x[..., :, None] * jnp.asarray(frequencies, x.dtype)[None, None]
-    angles = angles.reshape(*x.shape[:-1], -1)
+    # (the trailing size written out: the batch may be empty)
+    angles = angles.reshape(*x.shape[:-1], x.shape[-1] * len(frequencies))
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 

@@ -1,6 +1,7 @@
 """Ready-made models built from jaxdeq's layers (the model zoo)."""
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -54,7 +55,8 @@ def _pool_and_concatenate(zs: tuple[Array, ...], grid: int) -> Array:
             (batch, *_head_grid(height, width, grid), channels),
             method="linear",
         )
-        features.append(pooled.reshape(batch, -1))
+        # (the trailing size written out: the batch may be empty)
+        features.append(pooled.reshape(batch, math.prod(pooled.shape[1:])))
     return jnp.concatenate(features, axis=-1)
 
 
