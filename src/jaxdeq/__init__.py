@@ -32,6 +32,8 @@ from ._regularization import (
     skip_loss as skip_loss,
     spectral_radius as spectral_radius,
 )
+from ._reuse import FixedPointStore as FixedPointStore
+from ._segments import scan_segments as scan_segments
 from ._sequence import (
     causal_transformer_block as causal_transformer_block,
     deq_sequence_model as deq_sequence_model,
@@ -39,6 +41,7 @@ from ._sequence import (
 from ._sharding import shard_map_apply as shard_map_apply
 from ._solution import (
     RESULTS as RESULTS,
+    AnytimeSolution as AnytimeSolution,
     DeepEquilibriumSolution as DeepEquilibriumSolution,
 )
 from ._solver import (

@@ -79,9 +79,13 @@ class AbstractAdjoint(eqx.Module):
 
     `needs_solver_state`: whether `apply` reads the solver's final state
     (`forward(...).solver_state`), e.g. Broyden's inverse-Jacobian estimate.
+    `differentiates_initial_state`: whether derivatives flow into `z0` (unrolled
+    modes); the implicit ones give it none.
     """
 
     needs_solver_state: ClassVar[bool] = False
+    # Whether derivatives flow into the solve's initial state `z0` (a warm start).
+    differentiates_initial_state: ClassVar[bool] = False
 
     def check_solver(self, solver: Any) -> None:
         """Raise a `ValueError` naming `adjoint` if this mode cannot differentiate
@@ -369,6 +373,8 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     **Example:** `adjoint=jaxdeq.UnrolledAdjoint()`.
     """
+
+    differentiates_initial_state: ClassVar[bool] = True
 
     def loop(self, cond_fun, body_fun, init_val, *, max_steps):
         return scan_while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)
@@ -706,6 +712,7 @@ class ReversibleAdjoint(AbstractAdjoint):
     callback: Callable[[BackwardStatistics], Any] | None = None
 
     needs_solver_state: ClassVar[bool] = True
+    differentiates_initial_state: ClassVar[bool] = True
 
     def __check_init__(self):
         _check_callback(self.callback)

@@ -60,6 +60,21 @@ class Forward(eqx.Module):
     # The solver's final state, when the gradient mode asks for it
     # (`AbstractAdjoint.needs_solver_state`): e.g. Broyden's inverse Jacobian.
     solver_state: PyTree | None = None
+    # What the solve would have returned at each of several budgets (`anytime=`).
+    anytime: "AnytimeForward | None" = None
+    # Whether the sample's solve was continued by the fallback solver.
+    fallback: Bool[Array, "*batch"] | None = None
+
+
+class AnytimeForward(eqx.Module):
+    """What one solve would have returned had it been given each budget `b_j`:
+    leaves `(k, *z.shape)` and `(k, *batch)` (equal to separate solves with those
+    budgets: the solver's iterates do not depend on its budget)."""
+
+    z: PyTree[Array]
+    nfe: Int[Array, "k *batch"]
+    steps: Int[Array, "k *batch"]
+    result: Int[Array, "k *batch"]
 
 
 class AbstractBackend(eqx.Module):
@@ -73,12 +88,18 @@ class AbstractBackend(eqx.Module):
     - `sampled_iterates`: returns iterates sampled along the solve (`samples=k`).
     - `neural_ode`: can also integrate `dz/dt = f(z, x) - z` over `[0, 1]`
         (`integrate`, for `problem_type="ode"`).
+    - `anytime_budgets`: returns what the solve would have returned at several
+        budgets (`anytime=(b_1, ..., b_k)`), from one solve.
+    - `fallback_solvers`: can continue a failed solve with a second solver
+        (`jaxdeq`'s fallback; see `_fallback.py`).
     """
 
     traced_budget: ClassVar[bool]
     residual_trace: ClassVar[bool]
     sampled_iterates: ClassVar[bool]
     neural_ode: ClassVar[bool]
+    anytime_budgets: ClassVar[bool] = False
+    fallback_solvers: ClassVar[bool] = False
 
     @abc.abstractmethod
     def solve(
@@ -94,10 +115,12 @@ class AbstractBackend(eqx.Module):
         trace: bool,
         samples: int,
         solver_state: bool = False,
+        anytime: tuple[int, ...] = (),
     ) -> Forward:
         """Solve for a fixed point of `f(., args)` from `z0`, at most
         `min(budget, max_steps)` steps, inside `loop`; with `solver_state`, also
-        return the solver's final state."""
+        return the solver's final state; with `anytime`, what the solve would
+        have returned at each of those budgets."""
 
 
 class _LoopState(eqx.Module):
@@ -113,6 +136,9 @@ class _LoopState(eqx.Module):
     result: optx.RESULTS
     residual_trace: Float[Array, "..."] | None
     sampled: PyTree[Array]
+    # (anytime=): the returned state and outcome code at each budget reached so far
+    anytime_z: PyTree[Array] | None = None
+    anytime_code: Int[Array, "k ..."] | None = None
 
 
 class OptimistixBackend(AbstractBackend):
@@ -125,6 +151,8 @@ class OptimistixBackend(AbstractBackend):
     residual_trace: ClassVar[bool] = True
     sampled_iterates: ClassVar[bool] = True
     neural_ode: ClassVar[bool] = False
+    anytime_budgets: ClassVar[bool] = True
+    fallback_solvers: ClassVar[bool] = True
 
     def solve(
         self,
@@ -139,10 +167,14 @@ class OptimistixBackend(AbstractBackend):
         trace,
         samples,
         solver_state=False,
+        anytime=(),
     ) -> Forward:
         """With `samples=k > 0`, also returns `k` iterates at the evenly spaced steps
         `ceil(j * max_steps / k)`, `j = 1..k` (the last iterate where the solve
-        stopped earlier), for fixed-point correction losses."""
+        stopped earlier), for fixed-point correction losses. With
+        `anytime=(b_1, ..., b_k)`, also what the solve would have returned with
+        each budget `b_j`: the returned state and outcome are computed after every
+        step (`_finish`) and kept at the steps `b_j`."""
         solver = self.solver
         options = dict(self.options)
         tags = frozenset()
@@ -164,6 +196,34 @@ class OptimistixBackend(AbstractBackend):
             np.ceil(np.arange(1, samples + 1) * (max_steps / max(samples, 1))),
             jnp.int32,
         )
+        budgets = jnp.asarray(anytime, jnp.int32)
+
+        def finish(c: _LoopState):
+            """The state and outcome code the solve returns if it stops at `c`."""
+            state = eqx.combine(c.solver_state, static_state)
+            converged = c.done & (c.result == optx.RESULTS.successful)
+            ran_out = ~c.done & (c.result == optx.RESULTS.successful)
+            y, _, _ = solver.postprocess(
+                fn, c.y, (c.best_z, c.best_sq), args, options, state, tags, c.result
+            )
+            # The solver's answer on success (e.g. the last proposal), unless it
+            # is not finite: then the evaluated iterate at which it converged.
+            z = tree_where(
+                converged & tree_all_finite(y, batched=batched),
+                y,
+                c.best_z,
+                batched=batched,
+            )
+            code = first_outcome(
+                [
+                    (converged, RESULTS.successful),
+                    (ran_out, RESULTS.max_steps_reached),
+                    (c.result == optx.RESULTS.nonfinite, RESULTS.nonfinite),
+                ],
+                RESULTS.diverged,
+            )
+            return z, code, ran_out, state
+
         init = _LoopState(
             y=z0,
             step=jnp.array(0, jnp.int32),
@@ -180,6 +240,16 @@ class OptimistixBackend(AbstractBackend):
             ),
             sampled=jtu.tree_map(
                 lambda leaf: jnp.zeros((samples, *leaf.shape), leaf.dtype), z0
+            ),
+            anytime_z=(
+                jtu.tree_map(
+                    lambda leaf: jnp.zeros((len(anytime), *leaf.shape), leaf.dtype), z0
+                )
+                if anytime
+                else None
+            ),
+            anytime_code=(
+                jnp.zeros((len(anytime),), jnp.int32) if anytime else None
             ),
         )
 
@@ -206,14 +276,8 @@ class OptimistixBackend(AbstractBackend):
             if samples:
                 # Slot j holds the iterate of step min(sample_steps[j], last step).
                 pending = sample_steps >= c.step + 1
-                sampled = jtu.tree_map(
-                    lambda buf, leaf: jnp.where(
-                        pending.reshape((-1,) + (1,) * leaf.ndim), leaf[None], buf
-                    ),
-                    sampled,
-                    y,
-                )
-            return _LoopState(
+                sampled = _put_where(pending, y, sampled)
+            new = _LoopState(
                 y=y,
                 step=c.step + 1,
                 solver_state=eqx.partition(state, eqx.is_array)[0],
@@ -224,31 +288,26 @@ class OptimistixBackend(AbstractBackend):
                 result=result,
                 residual_trace=residual_trace,
                 sampled=sampled,
+                anytime_z=c.anytime_z,
+                anytime_code=c.anytime_code,
             )
+            if anytime:
+                # Slot j holds what a solve with budget b_j returns, once b_j steps
+                # have run (slots of budgets the solve never reaches: filled below).
+                z_now, code_now, _, _ = finish(new)
+                hit = budgets == new.step
+                new = eqx.tree_at(
+                    lambda n: (n.anytime_z, n.anytime_code),
+                    new,
+                    (
+                        _put_where(hit, z_now, c.anytime_z),
+                        jnp.where(hit, code_now, c.anytime_code),
+                    ),
+                )
+            return new
 
         c = loop(cond_fun, body_fun, init, max_steps=max_steps)
-        state = eqx.combine(c.solver_state, static_state)
-        converged = c.done & (c.result == optx.RESULTS.successful)
-        ran_out = ~c.done & (c.result == optx.RESULTS.successful)
-        y, _, _ = solver.postprocess(
-            fn, c.y, (c.best_z, c.best_sq), args, options, state, tags, c.result
-        )
-        # The solver's answer on success (e.g. the last proposal), unless it is
-        # not finite: then the evaluated iterate at which the solve converged.
-        z = tree_where(
-            converged & tree_all_finite(y, batched=batched),
-            y,
-            c.best_z,
-            batched=batched,
-        )
-        code = first_outcome(
-            [
-                (converged, RESULTS.successful),
-                (ran_out, RESULTS.max_steps_reached),
-                (c.result == optx.RESULTS.nonfinite, RESULTS.nonfinite),
-            ],
-            RESULTS.diverged,
-        )
+        z, code, ran_out, state = finish(c)
         result = optx.RESULTS.where(
             ran_out, optx.RESULTS.nonlinear_max_steps_reached, c.result
         )
@@ -260,6 +319,18 @@ class OptimistixBackend(AbstractBackend):
         steps = c.step
         nfe = (at_init + per_step * steps).astype(jnp.int32)
         residual_trace = c.residual_trace
+        anytime_out = None
+        if anytime:
+            # A budget the solve never reached (it stopped earlier) returns what the
+            # solve returned.
+            reached = budgets <= steps
+            any_steps = jnp.minimum(budgets, steps)
+            anytime_out = AnytimeForward(
+                z=_put_where(~reached, z, c.anytime_z),
+                nfe=(at_init + per_step * any_steps).astype(jnp.int32),
+                steps=any_steps,
+                result=jnp.where(reached, c.anytime_code, code),
+            )
         if batched:
             batch = c.best_sq.shape
             nfe = jnp.broadcast_to(nfe, batch)
@@ -267,6 +338,15 @@ class OptimistixBackend(AbstractBackend):
             code = jnp.broadcast_to(code, batch)
             if residual_trace is not None:
                 residual_trace = residual_trace.T
+            if anytime_out is not None:
+                anytime_out = eqx.tree_at(
+                    lambda a: (a.nfe, a.steps, a.result),
+                    anytime_out,
+                    tuple(
+                        jnp.broadcast_to(v[:, None], (len(anytime), *batch))
+                        for v in (anytime_out.nfe, anytime_out.steps, anytime_out.result)
+                    ),
+                )
         sampled = c.sampled if samples else None
         return Forward(
             z,
@@ -278,7 +358,22 @@ class OptimistixBackend(AbstractBackend):
             steps,
             best_step=c.best_step,
             solver_state=state if solver_state else None,
+            anytime=anytime_out,
         )
+
+
+def _put_where(
+    slots: Bool[Array, " k"], tree: PyTree[Array], buffer: PyTree[Array]
+) -> PyTree[Array]:
+    """`buffer` (leaves `(k, *leaf.shape)`) with `tree` written into the slots where
+    `slots` holds."""
+    return jtu.tree_map(
+        lambda buf, leaf: jnp.where(
+            slots.reshape((-1,) + (1,) * leaf.ndim), leaf[None], buf
+        ),
+        buffer,
+        tree,
+    )
 
 
 def _evaluations_per_step(solver, size: int) -> tuple[int, int]:
@@ -450,8 +545,9 @@ class DiffraxBackend(AbstractBackend):
         trace,
         samples,
         solver_state=False,
+        anytime=(),
     ) -> Forward:
-        del loop, trace, batched, samples, solver_state  # checked at construction
+        del loop, trace, batched, samples, solver_state, anytime  # checked by config
         if budget is not None:
             if not isinstance(budget, int):
                 raise TypeError(

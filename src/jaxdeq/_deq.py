@@ -80,6 +80,17 @@ class DeepEquilibriumNetwork(AbstractEquilibriumModel):
         `jax.errors.JaxRuntimeError` carrying the message, under
         `equinox.filter_jit` as the message alone). `False` (default): read the
         outcome in `solution.result`.
+    - `fallback`: `None`, or a second optimistix solver (e.g.
+        `optx.FixedPointIteration(rtol, atol)` or `jaxdeq.Broyden(rtol, atol)`)
+        that continues, from the lowest-residual iterate, each sample whose solve
+        by `solver` did not succeed (diverged, went non-finite or ran out of
+        steps), inside the same compiled solve, with its own budget of
+        `max_steps` (or the per-call one) steps. `solution.fallback` says which
+        samples fell back; their `nfe`, `steps` and `result` count both solves;
+        the others are bit-identical to a solve without fallback. With
+        optimistix-style primary solvers; not with `sample_states`, `anytime`,
+        `fixed_depth > 0`, or gradient modes that read the solver's state
+        (`ShineGradient`, `ReversibleAdjoint`).
     - `**solver_options`: for diffrax solvers `rtol`, `atol` (steady-state test and
         the default `PIDController`; default: the user's `stepsize_controller`'s,
         else `1e-4`/`1e-6`), `dt0`, `stepsize_controller`; for optimistix solvers
@@ -143,6 +154,7 @@ class DeepEquilibriumNetwork(AbstractEquilibriumModel):
         sample_states: int = 0,
         compute_dtype: Any = None,
         throw: bool = False,
+        fallback: Any = None,
         **solver_options,
     ):
         if not isinstance(model, AbstractLayer):
@@ -164,6 +176,7 @@ class DeepEquilibriumNetwork(AbstractEquilibriumModel):
             sample_states=sample_states,
             compute_dtype=compute_dtype,
             throw=throw,
+            fallback=fallback,
             **solver_options,
         )
 

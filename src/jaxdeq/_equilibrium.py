@@ -24,10 +24,11 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
-from ._backend import Forward, make_backend
+from ._backend import OPTIMISTIX_SOLVERS, Forward, make_backend
+from ._fallback import FallbackBackend
 from ._misc import sample_sq_norm, tree_all_finite, tree_sub
 from ._regularization import JACOBIAN_MODES, jacobian_frobenius_estimate
-from ._solution import RESULTS, DeepEquilibriumSolution
+from ._solution import RESULTS, AnytimeSolution, DeepEquilibriumSolution
 
 BatchedCell = Callable[[PyTree, PyTree, PyTree[Array], Any], tuple[PyTree, PyTree]]
 PROBLEM_TYPES = ("steady_state", "ode")
@@ -45,6 +46,7 @@ _MODEL_KEYWORDS = (
     "sample_states",
     "compute_dtype",
     "throw",
+    "fallback",
 )
 
 
@@ -62,6 +64,7 @@ class EquilibriumConfig(eqx.Module):
     sample_states: int
     compute_dtype: Any
     throw: bool
+    fallback: bool
 
     def __init__(
         self,
@@ -77,6 +80,7 @@ class EquilibriumConfig(eqx.Module):
         sample_states=0,
         compute_dtype=None,
         throw=False,
+        fallback=None,
         **solver_options,
     ):
         self.backend = make_backend(solver, solver_options, _MODEL_KEYWORDS)
@@ -192,6 +196,45 @@ class EquilibriumConfig(eqx.Module):
         self.trace = trace
         self.sample_states = sample_states
         self.throw = throw
+        self.fallback = fallback is not None
+        if fallback is not None:
+            self.backend = _with_fallback(
+                self.backend, fallback, adjoint, fixed_depth, sample_states
+            )
+
+    def anytime(self, anytime, max_steps) -> tuple[int, ...]:
+        """Validate per-call anytime budgets: `None` or a sequence of Python ints in
+        `1..max_steps` (and not above a per-call int `max_steps`); sorted, unique."""
+        if anytime is None:
+            return ()
+        want = f"a sequence of ints in 1..{self.max_steps} (the model's max_steps)"
+        if isinstance(anytime, (str, bytes)) or not hasattr(anytime, "__iter__"):
+            raise TypeError(f"anytime: expected {want}, got {anytime!r}")
+        budgets = tuple(anytime)
+        if not budgets or any(
+            isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in budgets
+        ):
+            raise TypeError(f"anytime: expected {want}, got {anytime!r}")
+        top = max_steps if isinstance(max_steps, int) else self.max_steps
+        if any(not 1 <= b <= top for b in budgets):
+            raise ValueError(
+                f"anytime: expected {want}"
+                + (f" and <= the per-call max_steps ({top})" if top != self.max_steps
+                   else "")
+                + f", got {anytime!r}"
+            )
+        if self.fixed_depth or self.problem_type == "ode":
+            raise ValueError(
+                "anytime: budgets are steps of a solve; with fixed_depth > 0 or "
+                "problem_type='ode' there is no solve to stop early"
+            )
+        if not self.backend.anytime_budgets:
+            raise ValueError(
+                "anytime: the states at several budgets come from optimistix-style "
+                "solvers without a fallback; not available with "
+                f"{type(self.backend).__name__}"
+            )
+        return tuple(sorted({int(b) for b in budgets}))
 
     def budget(self, max_steps):
         """Validate a per-call budget: `None`, a Python int or a traced int array
@@ -232,6 +275,34 @@ class EquilibriumConfig(eqx.Module):
             f"max_steps: expected 1 <= max_steps <= {self.max_steps} (the model's "
             "max_steps)",
         )
+
+
+def _with_fallback(backend, fallback, adjoint, fixed_depth, sample_states):
+    """The backend that continues a failed solve with the solver `fallback`."""
+    if not backend.fallback_solvers:
+        raise ValueError(
+            "fallback: a fallback solver continues the solves of an optimistix-style "
+            f"solver; {type(backend).__name__} solves cannot be continued"
+        )
+    if not isinstance(fallback, OPTIMISTIX_SOLVERS):
+        raise TypeError(
+            "fallback: expected an optimistix root-finder or fixed-point solver, "
+            "e.g. optx.FixedPointIteration(rtol, atol) or jaxdeq.Broyden(rtol, "
+            f"atol), got {type(fallback).__name__}"
+        )
+    second = make_backend(fallback, {})
+    for problem, why in (
+        (fixed_depth, "fixed_depth > 0 applies the cell without solving"),
+        (sample_states, "sample_states samples the primary solve only"),
+        (
+            adjoint.needs_solver_state,
+            f"{type(adjoint).__name__} reads the solver's state, which a fallback "
+            "would replace",
+        ),
+    ):
+        if problem:
+            raise ValueError(f"fallback: not available here: {why}")
+    return FallbackBackend(backend, second)
 
 
 def _add_batch(tree):
@@ -364,7 +435,11 @@ def _problem(config: EquilibriumConfig, cell, ps, st, x) -> _Problem:
 
 
 def _solve(
-    config: EquilibriumConfig, problem: _Problem, z0: PyTree[Array], budget
+    config: EquilibriumConfig,
+    problem: _Problem,
+    z0: PyTree[Array],
+    budget,
+    anytime: tuple[int, ...] = (),
 ) -> tuple[PyTree[Array], Forward]:
     """Run the problem from `z0`: `(z*, the solve's outcome)`."""
     ps, x, batch = problem.ps, problem.x, problem.batch
@@ -409,6 +484,7 @@ def _solve(
         trace=config.trace,
         samples=config.sample_states,
         solver_state=config.adjoint.needs_solver_state,
+        anytime=anytime,
     )
     if problem.joint:
         args = (ps, problem.st, x)
@@ -435,6 +511,7 @@ def _solution(
     out: Forward,
     u0: PyTree[Array],
     key: PRNGKeyArray,
+    budgets: tuple[int, ...] = (),
 ) -> tuple[PyTree, DeepEquilibriumSolution]:
     """The cell's new state and the solution at `z`."""
     # The returned cell state comes from a batched call; with per-sample keys its
@@ -461,6 +538,18 @@ def _solution(
             states,
             jax.vmap(problem.f_batch)(states),
         )
+    anytime = None
+    if out.anytime is not None:
+        a = out.anytime
+        if not problem.joint:  # (batch, k, ...) -> (k, batch, ...)
+            a = jtu.tree_map(lambda leaf: jnp.moveaxis(leaf, 1, 0), a)
+        anytime = AnytimeSolution(
+            budgets=budgets,
+            z_star=jax.lax.stop_gradient(a.z),
+            nfe=a.nfe,
+            steps=a.steps,
+            result=a.result,
+        )
     batch = problem.batch
     residual_norm = jnp.sqrt(sample_sq_norm(residual, batched=True))
     fz_norm = jnp.sqrt(sample_sq_norm(fz, batched=True))
@@ -480,6 +569,8 @@ def _solution(
         trace=out.trace,
         original=out.original,
         states=states,
+        fallback=out.fallback,
+        anytime=anytime,
     )
     return new_st, solution
 
@@ -494,13 +585,17 @@ def solve_equilibrium(
     z0: PyTree[Array],
     key: PRNGKeyArray,
     max_steps=None,
+    anytime=None,
 ) -> tuple[PyTree[Array], PyTree, DeepEquilibriumSolution]:
-    """Run `cell` from `z0` to equilibrium; returns `(z*, new cell state, solution)`."""
+    """Run `cell` from `z0` to equilibrium; returns `(z*, new cell state, solution)`.
+    With `anytime=(b_1, ...)`, the solution also holds what the solve returns at
+    each of those budgets."""
+    budgets = config.anytime(anytime, max_steps)
     budget = config.budget(max_steps)
     problem = _problem(config, cell, ps, st, x)
-    z, out = _solve(config, problem, z0, budget)
+    z, out = _solve(config, problem, z0, budget, budgets)
     z, out = _poison_nonfinite_inputs(problem, z0, z, out)
-    new_st, solution = _solution(config, problem, z, out, u0, key)
+    new_st, solution = _solution(config, problem, z, out, u0, key, budgets)
     if config.throw:
         z = _raise_if_unsuccessful(z, solution.result)
     return z, new_st, solution
@@ -528,20 +623,27 @@ def _poison_nonfinite_inputs(
         ok = jnp.broadcast_to(jnp.all(ok), (batch,))
     # A multiplication by 1 or NaN: the bad sample's value *and* its tangents (in
     # forward mode too) are NaN; the others are unchanged, exactly.
-    z = jtu.tree_map(
-        lambda leaf: (
-            leaf
-            * jnp.reshape(
-                jnp.where(ok, 1, jnp.nan).astype(leaf.dtype),
-                (batch,) + (1,) * (leaf.ndim - 1),
-            )
-        ),
-        z,
-    )
+    factor = jnp.where(ok, 1, jnp.nan)
+
+    def poison(leaf, axis=0):
+        shape = [1] * leaf.ndim
+        shape[axis] = batch
+        return leaf * jnp.reshape(factor.astype(leaf.dtype), shape)
+
+    z = jtu.tree_map(poison, z)
     result = jnp.where(
         ok, jnp.broadcast_to(out.result, (batch,)), jnp.int32(RESULTS.nonfinite)
     )
-    return z, dataclasses.replace(out, z=z, result=result)
+    anytime = out.anytime
+    if anytime is not None:  # leaves (batch, k, ...) per sample, (k, batch, ...) joint
+        axis = 1 if problem.joint else 0
+        bad = jnp.reshape(~ok, (1, batch) if problem.joint else (batch, 1))
+        anytime = dataclasses.replace(
+            anytime,
+            z=jtu.tree_map(functools.partial(poison, axis=axis), anytime.z),
+            result=jnp.where(bad, jnp.int32(RESULTS.nonfinite), anytime.result),
+        )
+    return z, dataclasses.replace(out, z=z, result=result, anytime=anytime)
 
 
 def _raise_if_unsuccessful(z: PyTree[Array], result: Array) -> PyTree[Array]:

@@ -9,15 +9,16 @@ backend -> solver, with the gradient mode around it) -> the new state.
 """
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.sharding import AxisType, PartitionSpec as P
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, PRNGKeyArray, PyTree
 
+from ._misc import tree_where
 from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
 from ._solution import DeepEquilibriumSolution
 from .nn._core import AbstractLayer, apply_with_solution, check_return_solution
@@ -33,6 +34,44 @@ def check_input(x: Any) -> None:
     batch = {jnp.shape(leaf)[0] for leaf in leaves}
     if len(batch) != 1:
         raise ValueError(f"x: every leaf needs the same batch size, got {batch}")
+
+
+def warm_start(
+    z0: PyTree[Array], warm: Array | None, own: PyTree[Array]
+) -> PyTree[Array]:
+    """The initial state: `z0` (checked against the model's own initial state
+    `own`: same structure and shapes; floating leaves cast to its dtypes) where
+    `warm` holds (everywhere without a mask), `own` elsewhere."""
+    want = jax.eval_shape(lambda: own)
+    try:
+        got = jax.eval_shape(lambda: z0)
+        same = jtu.tree_structure(got) == jtu.tree_structure(want) and all(
+            g.shape == w.shape
+            for g, w in zip(jtu.tree_leaves(got), jtu.tree_leaves(want), strict=True)
+        )
+    except TypeError:
+        same = False
+    if not same:
+        shapes = jtu.tree_map(lambda s: s.shape, want)
+        raise ValueError(
+            f"z0: expected a state shaped like the model's, {shapes} (e.g. "
+            f"solution.z_star of an earlier call on a batch of this size), got "
+            f"{jtu.tree_map(jnp.shape, z0)}"
+        )
+    for g in jtu.tree_leaves(got):
+        if not jnp.issubdtype(g.dtype, jnp.floating):
+            raise TypeError(f"z0: expected floating arrays, got {g.dtype}")
+    z0 = jtu.tree_map(lambda a, w: jnp.asarray(a).astype(w.dtype), z0, want)
+    if warm is None:
+        return z0
+    batch = jtu.tree_leaves(want)[0].shape[0]
+    warm = jnp.asarray(warm)
+    if warm.shape != (batch,) or warm.dtype != jnp.bool_:
+        raise TypeError(
+            f"warm: expected a bool array of shape ({batch},) (one flag per sample), "
+            f"got {warm.dtype}{list(warm.shape)}"
+        )
+    return tree_where(warm, z0, own, batched=True)
 
 
 def apply_model(
@@ -147,6 +186,9 @@ class AbstractEquilibriumModel(AbstractLayer):
         *,
         max_steps: int | Array | None = None,
         return_solution: bool = False,
+        z0: PyTree[Array] | None = None,
+        warm: Bool[Array, " batch"] | None = None,
+        anytime: Sequence[int] | None = None,
     ) -> tuple[Any, PyTree] | tuple[Any, PyTree, DeepEquilibriumSolution]:
         """`(output, st)`, or `(output, st, solution)` with `return_solution=True`.
 
@@ -160,6 +202,28 @@ class AbstractEquilibriumModel(AbstractLayer):
         - `return_solution`: also return the call's
             [`jaxdeq.DeepEquilibriumSolution`][] (per-sample nfe, steps, residuals,
             outcome codes; the differentiable `jacobian_loss`, `u0` and `states`).
+        - `z0`: a warm start: the solve's initial state, per sample, a pytree shaped
+            like the model's state (`solution.z_star` of an earlier call, e.g. of the
+            previous frame or epoch), replacing the model's own (`init`: zeros,
+            skip-reg or the init layer; `solution.u0` stays the model's own, for
+            skip losses). A traced input: a new value does not recompile. From
+            `z0 = z*` of the same input an optimistix-style solve stops after one
+            evaluation (`nfe == 1`: it must evaluate `f` once to see the residual).
+            Gradients: implicit modes (`ImplicitAdjoint`, `PhantomGradient`,
+            `NeumannGradient`, `ShineGradient`, `OneStepGradient`) give `z0` none,
+            as the fixed point does not depend on where the solve started;
+            `UnrolledAdjoint`, `ReversibleAdjoint`, `fixed_depth > 0` and the neural
+            ODE (whose output depends on `z0`) differentiate through it. Floating
+            leaves are cast to the state's dtype.
+        - `warm`: with `z0`, a per-sample `bool` mask of shape `(batch,)`: `True`
+            starts the sample from `z0`, `False` from the model's own initial state
+            (what [`jaxdeq.FixedPointStore.lookup`][] returns for samples it has
+            no fresh fixed point for).
+        - `anytime`: step budgets `(b_1, ..., b_k)` (Python ints in
+            `1..max_steps`): `solution.anytime` then holds what the solve returns at
+            each budget, equal to separate calls with `max_steps=b_j`, from this one
+            solve (optimistix-style solvers without a fallback; needs
+            `return_solution=True` to be read). See [`jaxdeq.AnytimeSolution`][].
 
         **Raises:** `ValueError`/`TypeError` for inputs of the wrong structure; at run
         time (under `jit` too), an error carrying the outcome's message when the model
@@ -173,20 +237,36 @@ class AbstractEquilibriumModel(AbstractLayer):
                 f"'key'), got {type(st).__name__}"
                 + (f" with keys {sorted(st)}" if isinstance(st, dict) else "")
             )
+        if warm is not None and z0 is None:
+            raise ValueError("warm: a warm-start mask needs z0= (the warm start)")
         out = _on_auto_axes(
-            lambda ps, st, x: self._apply(ps, st, x, max_steps), (ps, st, x)
+            lambda ps, st, z0, warm, x: self._apply(
+                ps, st, x, max_steps, z0, warm, anytime
+            ),
+            (ps, st, z0, warm, x),
         )
         return out if return_solution else out[:2]
 
-    def _apply(self, ps, st, x, max_steps):
+    def _apply(self, ps, st, x, max_steps, z0_warm=None, warm=None, anytime=None):
         key, probe_key = jax.random.split(st["key"])
         # Per-forward work of the cell's layers (weight/spectral normalization) runs
         # once here, not at every solver iteration; see `AbstractLayer.prepare`.
         cell_ps, cell_st = self._prepare(self._cell_part(ps), self._cell_part(st))
         u0, z0, st_init = self._initial_state(ps, st, cell_ps, cell_st, x)
         check_cell_output(self._cell, cell_ps, cell_st, z0, x, name=self.cell_name)
+        if z0_warm is not None:
+            z0 = warm_start(z0_warm, warm, z0)
         z, new_cell_st, solution = solve_equilibrium(
-            self.config, self._cell, cell_ps, cell_st, x, u0, z0, probe_key, max_steps
+            self.config,
+            self._cell,
+            cell_ps,
+            cell_st,
+            x,
+            u0,
+            z0,
+            probe_key,
+            max_steps,
+            anytime,
         )
         new_st = self._with_cell_state(st, new_cell_st)
         new_st = dict(new_st, key=key)

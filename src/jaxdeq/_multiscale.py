@@ -153,7 +153,7 @@ class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
     - every other keyword argument of [`jaxdeq.DeepEquilibriumNetwork`][]
         (`jacobian_regularization`, `problem_type`, `adjoint`, `max_steps`,
         `fixed_depth`, `joint_solve`, `trace`, `sample_states`, `compute_dtype`,
-        `throw`, solver options), with the same meaning on the tuple state (norms,
+        `throw`, `fallback`, solver options), with the same meaning on the tuple state (norms,
         residuals and Jacobian estimates span all scales).
 
     **Inputs:** `x`, batch-first; the input of `main_layers[0]` beside `z_0`.
@@ -224,6 +224,7 @@ class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
         sample_states: int = 0,
         compute_dtype: Any = None,
         throw: bool = False,
+        fallback: Any = None,
         **solver_options,
     ):
         self.main_layers = _layer_tuple("main_layers", main_layers, None)
@@ -251,6 +252,7 @@ class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
             sample_states=sample_states,
             compute_dtype=compute_dtype,
             throw=throw,
+            fallback=fallback,
             **solver_options,
         )
 

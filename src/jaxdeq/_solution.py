@@ -5,7 +5,7 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 
 class RESULTS(enum.IntEnum):
@@ -103,6 +103,13 @@ class DeepEquilibriumSolution(eqx.Module):
         built with `trace=True`; otherwise `None`.
     - `original`: the backend's own solution object (`optimistix.Solution` without
         solver state, or `diffrax.Solution`), batched over samples in per-sample mode.
+    - `fallback`: per-sample `bool`, shape `(batch,)`: whether the sample's solve was
+        continued by the model's `fallback` solver (its primary solve did not
+        succeed); `nfe`, `steps` and `result` then count both solves. `None` for
+        a model without a fallback.
+    - `anytime`: with `apply(..., anytime=(b_1, ..., b_k))`, a
+        [`jaxdeq.AnytimeSolution`][]: what the solve returns at each budget, from
+        the same solve. Otherwise `None`.
     - `states`: with `sample_states=k`, `k` iterates of the solve at evenly spaced
         steps (leaves `(k, batch, ...)`, the last ones equal to the final iterate
         when the solve stopped early), each carrying a one-step (Jacobian-free)
@@ -122,3 +129,31 @@ class DeepEquilibriumSolution(eqx.Module):
     trace: Float[Array, "batch steps"] | None
     original: Any
     states: PyTree[Array] | None = None
+    fallback: Bool[Array, " batch"] | None = None
+    anytime: "AnytimeSolution | None" = None
+
+
+class AnytimeSolution(eqx.Module):
+    """The states one solve passes through at several step budgets:
+    `solution.anytime` after `model.apply(..., anytime=(b_1, ..., b_k),
+    return_solution=True)`, for accuracy-against-compute curves from one call.
+
+    Entry `j` equals what a separate call with `max_steps=b_j` returns (the
+    solver's iterates do not depend on its budget): the state the solver returns
+    when stopped after `b_j` steps (its lowest-residual iterate if not converged),
+    or the converged state if it stopped earlier. Values only: no derivative flows
+    through `z_star` (use `sample_states` for losses on intermediate iterates).
+
+    **Fields:**
+
+    - `budgets`: the budgets, sorted, unique (a static tuple of ints).
+    - `z_star`: the states, leaves `(k, batch, ...)`.
+    - `nfe`, `steps`, `result`: per budget and sample, shape `(k, batch)`: as in
+        [`jaxdeq.DeepEquilibriumSolution`][] for a solve with that budget.
+    """
+
+    budgets: tuple[int, ...] = eqx.field(static=True)
+    z_star: PyTree[Array]
+    nfe: Int[Array, "k batch"]
+    steps: Int[Array, "k batch"]
+    result: Int[Array, "k batch"]

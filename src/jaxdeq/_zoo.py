@@ -162,9 +162,10 @@ class MDEQImageClassifier(AbstractLayer):
 
     **States:** the same keys.
 
-    `apply(ps, st, x, *, max_steps=None, return_solution=False)`: as a DEQ model's;
-    with `return_solution=True` it returns `(logits, st, solution)`, the DEQ's
-    [`jaxdeq.DeepEquilibriumSolution`][].
+    `apply(ps, st, x, *, max_steps=None, return_solution=False, z0=None, warm=None,
+    anytime=None)`: as a DEQ model's (`z0` is a state of the DEQ: its
+    `solution.z_star`); with `return_solution=True` it returns
+    `(logits, st, solution)`, the DEQ's [`jaxdeq.DeepEquilibriumSolution`][].
     """
 
     stem: AbstractLayer
@@ -192,10 +193,20 @@ class MDEQImageClassifier(AbstractLayer):
         *,
         max_steps: int | Array | None = None,
         return_solution: bool = False,
+        z0: Any = None,
+        warm: Array | None = None,
+        anytime: Any = None,
     ) -> tuple[Array, dict] | tuple[Array, dict, DeepEquilibriumSolution]:
         h, stem_st = self.stem.apply(ps["stem"], st["stem"], x)
         z, deq_st, solution = self.deq.apply(
-            ps["deq"], st["deq"], h, max_steps=max_steps, return_solution=True
+            ps["deq"],
+            st["deq"],
+            h,
+            max_steps=max_steps,
+            return_solution=True,
+            z0=z0,
+            warm=warm,
+            anytime=anytime,
         )
         logits, head_st = self.head.apply(ps["head"], st["head"], z)
         new_st = {"stem": stem_st, "deq": deq_st, "head": head_st}
