@@ -131,7 +131,7 @@ def evaluate(ps, st, x, y):
     return jnp.mean(jnp.argmax(logits, -1) == y), solution.nfe
 
 
-def train(reuse):
+def fit(reuse):
     ps, st = init(jax.random.key(0))
     opt_state = optimizer.init(ps)
     store = jaxdeq.FixedPointStore(
@@ -155,7 +155,7 @@ def train(reuse):
 results = {}
 for reuse in (False, True):
     start = time.perf_counter()
-    results[reuse] = train(reuse)
+    results[reuse] = fit(reuse)
     print(f"reuse={reuse}: mean nfe per epoch "
           f"{[round(n, 1) for n in results[reuse][2]]}, test accuracy "
           f"{results[reuse][3]:.3f} ({time.perf_counter() - start:.1f} s)")"""
@@ -263,8 +263,8 @@ solve without fallback."""
     ),
     new_code_cell(
         """primary = optx.FixedPointIteration(rtol=1e-3, atol=1e-6, norm=optx.two_norm)
-plain = jaxdeq.DeepEquilibriumNetwork(deq.model, primary, max_steps=10)
-rescued = jaxdeq.DeepEquilibriumNetwork(deq.model, primary, max_steps=10,
+plain = jaxdeq.DeepEquilibriumNetwork(deq.model, primary, max_steps=20)
+rescued = jaxdeq.DeepEquilibriumNetwork(deq.model, primary, max_steps=20,
                                         fallback=solver)
 h = embed.apply(ps[0], st[0], images[test])[0]
 z_plain, _, sol_plain = plain.apply(ps[1], st[1], h, return_solution=True)
