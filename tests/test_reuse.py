@@ -2,7 +2,6 @@
 solvers (issue 15)."""
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +9,8 @@ import optimistix as optx
 import pytest
 
 import jaxdeq
-from jaxdeq import RESULTS, nn
-
 from helpers import dense_cell, max_rel_error
+from jaxdeq import RESULTS, nn
 
 WIDTH = 6
 BATCH = 4
@@ -125,7 +123,9 @@ def test_warm_mask_starts_the_other_samples_cold():
     np.testing.assert_array_equal(
         solution.nfe[~np.asarray(warm)], cold.nfe[~np.asarray(warm)]
     )
-    np.testing.assert_allclose(y[~np.asarray(warm)], y_cold[~np.asarray(warm)], 0, 1e-12)
+    np.testing.assert_allclose(
+        y[~np.asarray(warm)], y_cold[~np.asarray(warm)], 0, 1e-12
+    )
 
 
 def test_multiscale_warm_start():
@@ -192,7 +192,9 @@ def test_store_shapes_lookup_update_and_staleness_under_jit():
     np.testing.assert_array_equal(z0[0][0], 1.0)
     assert store.lookup(index, now=5)[1].tolist() == [False, False]  # stale
     kept = store.update(
-        jnp.array([0, 2]), jax.tree.map(jnp.ones_like, z), now=6,
+        jnp.array([0, 2]),
+        jax.tree.map(jnp.ones_like, z),
+        now=6,
         keep=jnp.array([False, True]),
     )
     assert kept.written.tolist() == [-1, -1, 6, -1, 3]
@@ -224,8 +226,9 @@ def test_store_lowers_nfe_over_a_second_pass_of_the_data():
     @jax.jit
     def step(store, index, epoch):
         z0, warm = store.lookup(index, now=epoch)
-        y, _, sol = model.apply(ps, st, data[index], z0=z0, warm=warm,
-                                return_solution=True)
+        y, _, sol = model.apply(
+            ps, st, data[index], z0=z0, warm=warm, return_solution=True
+        )
         return store.update(index, sol.z_star, now=epoch), y, sol.nfe
 
     nfe, outputs = {}, {}
@@ -248,7 +251,9 @@ def test_scan_segments_warm_starts_each_segment():
     # n + 1 steps from any nearby start.)
     model, ps, st, _ = make(jaxdeq.Anderson(rtol=1e-4, atol=1e-4))
     t = jnp.linspace(0.0, 0.1, 8)[:, None, None]
-    frames = jnp.sin(2 * t + jnp.arange(BATCH * WIDTH, dtype=t.dtype).reshape(1, BATCH, WIDTH))
+    frames = jnp.sin(
+        2 * t + jnp.arange(BATCH * WIDTH, dtype=t.dtype).reshape(1, BATCH, WIDTH)
+    )
     ys, st_out, sols = jaxdeq.scan_segments(model, ps, st, frames, return_solution=True)
     assert ys.shape == (8, BATCH, WIDTH) and sols.nfe.shape == (8, BATCH)
     cold = [solve(model, ps, st, frame) for frame in frames]
@@ -272,7 +277,9 @@ def test_scan_segments_gradients_per_segment_and_through_the_carry():
     g = jax.grad(loss, argnums=1)(ps, frames)
     np.testing.assert_array_equal(g[:2], 0.0)
     g_ps = jax.grad(loss)(ps, frames)
-    g_ref = jax.grad(lambda ps: jnp.sum(jnp.sin(model.apply(ps, st, frames[-1])[0])))(ps)
+    g_ref = jax.grad(lambda ps: jnp.sum(jnp.sin(model.apply(ps, st, frames[-1])[0])))(
+        ps
+    )
     assert max_rel_error(g_ps, g_ref) < 1e-7
     with pytest.raises(ValueError, match="carry_gradient: the model's gradient mode"):
         loss(ps, frames, carry_gradient=True)
@@ -287,8 +294,15 @@ def test_scan_segments_gradients_per_segment_and_through_the_carry():
 # --- anytime ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver,joint", [("anderson", False), ("broyden", False),
-                                          ("anderson", True), ("fixed_point", False)])
+@pytest.mark.parametrize(
+    "solver,joint",
+    [
+        ("anderson", False),
+        ("broyden", False),
+        ("anderson", True),
+        ("fixed_point", False),
+    ],
+)
 def test_anytime_states_equal_separate_solves(solver, joint):
     model, ps, st, x = make(solver, joint_solve=joint, max_steps=40)
     budgets = (1, 3, 6, 40)
@@ -314,7 +328,9 @@ def test_anytime_with_a_traced_budget_and_bad_budgets():
     y5, five = solve(model, ps, st, x, max_steps=5)
     np.testing.assert_array_equal(solution.anytime.z_star[1], y5)  # min(20, budget)
     np.testing.assert_array_equal(solution.anytime.nfe[1], five.nfe)
-    with pytest.raises(ValueError, match=r"anytime: expected a sequence of ints in 1..20"):
+    with pytest.raises(
+        ValueError, match=r"anytime: expected a sequence of ints in 1..20"
+    ):
         model.apply(ps, st, x, anytime=(0, 4))
     with pytest.raises(ValueError, match=r"<= the per-call max_steps \(4\)"):
         model.apply(ps, st, x, anytime=(2, 8), max_steps=4)
@@ -364,7 +380,9 @@ def test_fallback_solver_rescues_the_failed_sample_only(joint):
         assert sol_plain.result.tolist() == [0, 1, 0]  # the primary fails sample 1
         assert sol.fallback.tolist() == [False, True, False]
         np.testing.assert_array_equal(y[[0, 2]], y_plain[[0, 2]])  # bit-identical
-        np.testing.assert_array_equal(np.asarray(sol.nfe)[[0, 2]], np.asarray(sol_plain.nfe)[[0, 2]])
+        np.testing.assert_array_equal(
+            np.asarray(sol.nfe)[[0, 2]], np.asarray(sol_plain.nfe)[[0, 2]]
+        )
         assert sol.nfe[1] > 40 and sol.steps[1] == sol.nfe[1]
     else:  # one coupled problem: the whole batch falls back
         assert sol.fallback.tolist() == [True] * 3
@@ -373,7 +391,9 @@ def test_fallback_solver_rescues_the_failed_sample_only(joint):
     # implicit gradients at the rescued fixed point: d z*/d x exact
     g = jax.grad(lambda x: jnp.sum(rescued.apply(ps, st, x)[0][1]))(x)
     a, b = x[1, 0], x[1]
-    want = jnp.zeros_like(x).at[1].set(1 / (1 - a)).at[1, 0].add(jnp.sum(b) / (1 - a) ** 2)
+    want = (
+        jnp.zeros_like(x).at[1].set(1 / (1 - a)).at[1, 0].add(jnp.sum(b) / (1 - a) ** 2)
+    )
     np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-8)
 
 
@@ -393,8 +413,10 @@ def test_fallback_trace_and_invalid_pairs():
         jaxdeq.DeepEquilibriumNetwork(_linear_cell(), diffrax.Tsit5(), fallback=primary)
     with pytest.raises(ValueError, match="fallback: not available here: ShineGradient"):
         jaxdeq.DeepEquilibriumNetwork(
-            _linear_cell(), jaxdeq.Broyden(rtol=1e-6, atol=1e-6),
-            adjoint=jaxdeq.ShineGradient(), fallback=primary,
+            _linear_cell(),
+            jaxdeq.Broyden(rtol=1e-6, atol=1e-6),
+            adjoint=jaxdeq.ShineGradient(),
+            fallback=primary,
         )
     with pytest.raises(ValueError, match="fallback: not available here: sample_states"):
         jaxdeq.DeepEquilibriumNetwork(

@@ -72,9 +72,9 @@ class AnytimeForward(eqx.Module):
     budgets: the solver's iterates do not depend on its budget)."""
 
     z: PyTree[Array]
-    nfe: Int[Array, "k *batch"]
-    steps: Int[Array, "k *batch"]
-    result: Int[Array, "k *batch"]
+    nfe: Int[Array, "..."]
+    steps: Int[Array, "..."]
+    result: Int[Array, "..."]
 
 
 class AbstractBackend(eqx.Module):
@@ -248,9 +248,7 @@ class OptimistixBackend(AbstractBackend):
                 if anytime
                 else None
             ),
-            anytime_code=(
-                jnp.zeros((len(anytime),), jnp.int32) if anytime else None
-            ),
+            anytime_code=(jnp.zeros((len(anytime),), jnp.int32) if anytime else None),
         )
 
         def cond_fun(c: _LoopState):
@@ -344,7 +342,11 @@ class OptimistixBackend(AbstractBackend):
                     anytime_out,
                     tuple(
                         jnp.broadcast_to(v[:, None], (len(anytime), *batch))
-                        for v in (anytime_out.nfe, anytime_out.steps, anytime_out.result)
+                        for v in (
+                            anytime_out.nfe,
+                            anytime_out.steps,
+                            anytime_out.result,
+                        )
                     ),
                 )
         sampled = c.sampled if samples else None

@@ -219,8 +219,11 @@ class EquilibriumConfig(eqx.Module):
         if any(not 1 <= b <= top for b in budgets):
             raise ValueError(
                 f"anytime: expected {want}"
-                + (f" and <= the per-call max_steps ({top})" if top != self.max_steps
-                   else "")
+                + (
+                    f" and <= the per-call max_steps ({top})"
+                    if top != self.max_steps
+                    else ""
+                )
                 + f", got {anytime!r}"
             )
         if self.fixed_depth or self.problem_type == "ode":

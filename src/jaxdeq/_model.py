@@ -18,8 +18,8 @@ import jax.tree_util as jtu
 from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import Array, Bool, PRNGKeyArray, PyTree
 
-from ._misc import tree_where
 from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
+from ._misc import tree_where
 from ._solution import DeepEquilibriumSolution
 from .nn._core import AbstractLayer, apply_with_solution, check_return_solution
 

@@ -153,8 +153,8 @@ class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
     - every other keyword argument of [`jaxdeq.DeepEquilibriumNetwork`][]
         (`jacobian_regularization`, `problem_type`, `adjoint`, `max_steps`,
         `fixed_depth`, `joint_solve`, `trace`, `sample_states`, `compute_dtype`,
-        `throw`, `fallback`, solver options), with the same meaning on the tuple state (norms,
-        residuals and Jacobian estimates span all scales).
+        `throw`, `fallback`, solver options), with the same meaning on the tuple
+        state (norms, residuals and Jacobian estimates span all scales).
 
     **Inputs:** `x`, batch-first; the input of `main_layers[0]` beside `z_0`.
 

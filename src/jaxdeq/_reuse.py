@@ -57,7 +57,8 @@ class FixedPointStore(eqx.Module):
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> from jaxdeq import nn
     >>> cell = nn.Parallel(jnp.add, nn.Dense(4, 4, activation=jnp.tanh), nn.Dense(4, 4))
-    >>> model = jaxdeq.DeepEquilibriumNetwork(cell, jaxdeq.Anderson(rtol=1e-5, atol=1e-6))
+    >>> solver = jaxdeq.Anderson(rtol=1e-5, atol=1e-6)
+    >>> model = jaxdeq.DeepEquilibriumNetwork(cell, solver)
     >>> data = jax.random.normal(jax.random.key(1), (10, 4))
     >>> ps, st = model.init(jax.random.key(0), data[:2])
     >>> store = jaxdeq.FixedPointStore(jax.ShapeDtypeStruct((2, 4), jnp.float32), 10)
@@ -85,9 +86,13 @@ class FixedPointStore(eqx.Module):
             raise ValueError(f"size: expected an int >= 1, got {size!r}")
         if max_age is not None:
             if isinstance(max_age, bool) or not isinstance(max_age, numbers.Integral):
-                raise TypeError(f"max_age: expected None or an int >= 0, got {max_age!r}")
+                raise TypeError(
+                    f"max_age: expected None or an int >= 0, got {max_age!r}"
+                )
             if max_age < 0:
-                raise ValueError(f"max_age: expected None or an int >= 0, got {max_age!r}")
+                raise ValueError(
+                    f"max_age: expected None or an int >= 0, got {max_age!r}"
+                )
         structs = jax.eval_shape(lambda: like)
         leaves = jtu.tree_leaves(structs)
         if not leaves or any(

@@ -1,4 +1,5 @@
-"""Sequences of related inputs: each segment's solve starts from the last fixed point."""
+"""Sequences of related inputs: each segment's solve starts from the previous
+fixed point."""
 
 from typing import Any
 
@@ -73,7 +74,8 @@ def scan_segments(
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> from jaxdeq import nn
     >>> cell = nn.Parallel(jnp.add, nn.Dense(4, 4, activation=jnp.tanh), nn.Dense(4, 4))
-    >>> model = jaxdeq.DeepEquilibriumNetwork(cell, jaxdeq.Anderson(rtol=1e-5, atol=1e-6))
+    >>> solver = jaxdeq.Anderson(rtol=1e-5, atol=1e-6)
+    >>> model = jaxdeq.DeepEquilibriumNetwork(cell, solver)
     >>> t = jnp.linspace(0, 1, 6)[:, None, None]
     >>> frames = jnp.sin(3 * t + jnp.arange(8.0).reshape(1, 2, 4))  # (6, 2, 4)
     >>> ps, st = model.init(jax.random.key(0), frames[0])
@@ -87,9 +89,7 @@ def scan_segments(
     if not isinstance(carry_gradient, bool):
         raise TypeError(f"carry_gradient: expected a bool, got {carry_gradient!r}")
     if not getattr(model, "returns_solution", False) or not hasattr(model, "apply"):
-        raise TypeError(
-            f"model: expected a DEQ model, got {type(model).__name__}"
-        )
+        raise TypeError(f"model: expected a DEQ model, got {type(model).__name__}")
     if carry_gradient and not _differentiates_z0(model):
         raise ValueError(
             "carry_gradient: the model's gradient mode gives the initial state no "
@@ -105,7 +105,9 @@ def scan_segments(
         )
     lengths = {jnp.shape(leaf)[0] for leaf in leaves}
     if len(lengths) != 1:
-        raise ValueError(f"xs: every leaf needs the same number of segments, got {lengths}")
+        raise ValueError(
+            f"xs: every leaf needs the same number of segments, got {lengths}"
+        )
     x_first = jtu.tree_map(lambda leaf: leaf[0], xs)
     batch = jnp.shape(jtu.tree_leaves(x_first)[0])[0]
     # The carry's structure: the model's state for one segment (shapes only).
