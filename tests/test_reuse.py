@@ -426,3 +426,34 @@ def test_fallback_trace_and_invalid_pairs():
         model.apply(ps, st, x, anytime=(2,))
     with pytest.raises(TypeError, match="did you mean 'fallback'"):
         jaxdeq.DeepEquilibriumNetwork(_linear_cell(), primary, fallbak=anderson())
+
+
+def test_framework_wrappers_take_warm_starts_and_anytime_budgets():
+    import flax.linen as linen
+    from flax import nnx
+
+    import jaxdeq.equinox
+    import jaxdeq.flax
+
+    model, _, _, x = make()
+    linen_deq = jaxdeq.flax.DEQ(model)
+    variables = linen_deq.init(jax.random.key(0), x)
+    with jax.numpy_dtype_promotion("standard"):
+        nnx_deq = jaxdeq.flax.NNXDEQ(model, x, rngs=nnx.Rngs(0))
+    eqx_deq = jaxdeq.equinox.DEQ(model, x, key=jax.random.key(0))
+    calls = {
+        "linen": lambda **kw: linen_deq.apply(
+            variables, x, return_solution=True, mutable=["deq_state"], **kw
+        )[0][1],
+        "nnx": lambda **kw: nnx_deq(x, return_solution=True, **kw)[1],
+        "equinox": lambda **kw: eqx_deq(x, return_solution=True, **kw)[1],
+    }
+    del linen
+    for name, call in calls.items():
+        cold = call()
+        warm = call(z0=cold.z_star)
+        np.testing.assert_array_equal(warm.nfe, 1, err_msg=name)
+        anytime = call(anytime=(2, 50)).anytime
+        assert anytime.budgets == (2, 50)
+        np.testing.assert_array_equal(anytime.nfe[0], 2, err_msg=name)
+        np.testing.assert_array_equal(anytime.nfe[1], cold.nfe, err_msg=name)

@@ -75,13 +75,21 @@ def warm_start(
 
 
 def apply_model(
-    model: AbstractLayer, ps, st, x, max_steps, return_solution: bool
+    model: AbstractLayer,
+    ps,
+    st,
+    x,
+    max_steps,
+    return_solution: bool,
+    **solve_kwargs,
 ) -> tuple[Any, PyTree, tuple]:
     """`model.apply` for the framework wrappers: `(output, st, (solution,))`, or
     `(output, st, ())` without `return_solution`. Only DEQ models take a per-call
-    budget; other layers keep the bare protocol."""
+    budget and the solve's keywords (`z0`, `warm`, `anytime`; passed when not
+    `None`); other layers keep the bare protocol."""
     check_return_solution(return_solution)
     kwargs = {} if max_steps is None else {"max_steps": max_steps}
+    kwargs.update({k: v for k, v in solve_kwargs.items() if v is not None})
     if not return_solution:
         out, st = model.apply(ps, st, x, **kwargs)
         return out, st, ()

@@ -49,8 +49,9 @@ class DEQ(eqx.Module):
 
     **Call:** `deq(x, *, max_steps=None, return_state=False,
     return_solution=False)` returns `z*`, `(z*, st)`, `(z*, solution)` or
-    `(z*, st, solution)`; `max_steps` is a per-call iteration budget (DEQ models
-    only).
+    `(z*, st, solution)`; `max_steps` is a per-call iteration budget, `z0`/`warm`
+    a warm start and its per-sample mask, `anytime` budgets, as in the model's
+    `apply` (DEQ models only).
 
     **Example:**
 
@@ -98,6 +99,9 @@ class DEQ(eqx.Module):
         max_steps: int | Array | None = None,
         return_state: bool = False,
         return_solution: bool = False,
+        z0: Any = None,
+        warm: Array | None = None,
+        anytime: Any = None,
     ) -> Any:
         st = jtu.tree_map(
             lambda leaf: (
@@ -106,7 +110,15 @@ class DEQ(eqx.Module):
             self.st,
         )
         z, new_st, solution = apply_model(
-            self.model, self.ps, st, x, max_steps, return_solution
+            self.model,
+            self.ps,
+            st,
+            x,
+            max_steps,
+            return_solution,
+            z0=z0,
+            warm=warm,
+            anytime=anytime,
         )
         if not (return_state or return_solution):
             return z

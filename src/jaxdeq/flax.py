@@ -52,6 +52,8 @@ class DEQ(linen.Module):
       `apply` (DEQ models only).
     - `return_solution`: (keyword) also return the call's
       [`jaxdeq.DeepEquilibriumSolution`][] (DEQ models only).
+    - `z0`, `warm`, `anytime`: (keywords) a warm start, its per-sample mask and
+      anytime budgets, as in the model's `apply` (DEQ models only).
 
     **Returns:** the model's output `z*`, or `(z*, solution)`.
 
@@ -109,6 +111,9 @@ class DEQ(linen.Module):
         *,
         max_steps: int | Array | None = None,
         return_solution: bool = False,
+        z0: Any = None,
+        warm: Array | None = None,
+        anytime: Any = None,
     ) -> Any:
         if self.is_initializing():
             ps, st = self.model.init(self.make_rng("params"), x)
@@ -131,7 +136,15 @@ class DEQ(linen.Module):
         ps = dict(variables.get("params", {}))
         st = dict(variables[self.state_collection])
         z, new_st, solution = apply_model(
-            self.model, ps, st, x, max_steps, return_solution
+            self.model,
+            ps,
+            st,
+            x,
+            max_steps,
+            return_solution,
+            z0=z0,
+            warm=warm,
+            anytime=anytime,
         )
         if self.is_mutable_collection(self.state_collection):
             for name, value in new_st.items():
@@ -172,6 +185,8 @@ class NNXDEQ(nnx.Module):
     - `max_steps`: (keyword) a per-call iteration budget (DEQ models only).
     - `return_solution`: (keyword) also return the call's
       [`jaxdeq.DeepEquilibriumSolution`][] (DEQ models only).
+    - `z0`, `warm`, `anytime`: (keywords) a warm start, its per-sample mask and
+      anytime budgets, as in the model's `apply` (DEQ models only).
 
     **Returns:** the model's output `z*`, or `(z*, solution)`.
 
@@ -219,10 +234,21 @@ class NNXDEQ(nnx.Module):
         *,
         max_steps: int | Array | None = None,
         return_solution: bool = False,
+        z0: Any = None,
+        warm: Array | None = None,
+        anytime: Any = None,
     ) -> Any:
         ps = jax.tree.map(lambda p: p.get_value(), self.ps, is_leaf=_is_variable)
         z, st, solution = apply_model(
-            self.model, ps, self.st.get_value(), x, max_steps, return_solution
+            self.model,
+            ps,
+            self.st.get_value(),
+            x,
+            max_steps,
+            return_solution,
+            z0=z0,
+            warm=warm,
+            anytime=anytime,
         )
         self.st.set_value(st)
         return (z, *solution) if return_solution else z
