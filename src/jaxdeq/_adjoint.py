@@ -79,9 +79,13 @@ class AbstractAdjoint(eqx.Module):
 
     `needs_solver_state`: whether `apply` reads the solver's final state
     (`forward(...).solver_state`), e.g. Broyden's inverse-Jacobian estimate.
+    `differentiates_loop`: whether JAX differentiates through the forward solve's
+    loop (then a per-sample solve is a plain `jax.vmap` of it; otherwise the
+    backend batches the loop itself, see `OptimistixBackend.solve`).
     """
 
     needs_solver_state: ClassVar[bool] = False
+    differentiates_loop: ClassVar[bool] = False
 
     def check_solver(self, solver: Any) -> None:
         """Raise a `ValueError` naming `adjoint` if this mode cannot differentiate
@@ -369,6 +373,8 @@ class UnrolledAdjoint(AbstractAdjoint):
 
     **Example:** `adjoint=jaxdeq.UnrolledAdjoint()`.
     """
+
+    differentiates_loop: ClassVar[bool] = True
 
     def loop(self, cond_fun, body_fun, init_val, *, max_steps):
         return scan_while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)

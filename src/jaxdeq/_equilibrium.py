@@ -409,6 +409,7 @@ def _solve(
         trace=config.trace,
         samples=config.sample_states,
         solver_state=config.adjoint.needs_solver_state,
+        per_sample=not problem.joint and not config.adjoint.differentiates_loop,
     )
     if problem.joint:
         args = (ps, problem.st, x)
