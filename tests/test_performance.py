@@ -3,11 +3,12 @@ the compiled loop body of a per-sample solve against a whole-batch (joint) solve
 
 Work is counted in XLA's optimised HLO of `model.apply`: the elements written by
 each instruction of the solver loop's body (a fusion counts once, by its output),
-and the number of instructions. On XLA:CPU a per-sample solve was a `vmap` of the
-whole loop, which selected every leaf of its carry each iteration, copied the
-history buffers and scattered into them per sample: about 1.7x the elements of a
-joint solve on the cell below. Its own batching rule (`OptimistixBackend.solve`)
-brings it to about 1.1x.
+and the number of instructions. A per-sample solve used to be a `vmap` of the whole
+loop, which selects every leaf of its carry each iteration, copies the history
+buffers and scatters into them per sample: 1.78x (Anderson) and 1.57x (Broyden) the
+elements of a joint solve on the cell below, and still 1.91x / 1.63x with today's
+solvers. With the loop's own batching rule (`OptimistixBackend.solve`,
+`per_sample`): 1.10x / 1.00x.
 """
 
 import math
@@ -22,11 +23,12 @@ import jaxdeq
 from helpers import dense_cell
 
 BATCH, WIDTH, MEMORY = 8, 64, 5
-# Per-sample / joint work per iteration (measured: 1.10 elements, 1.05
-# instructions; before the per-sample loop had its own batching rule: 1.71).
+# Per-sample / joint work per iteration (measured: elements 1.10 Anderson, 1.00
+# Broyden; instructions 1.05 both).
 MAX_RATIO = 1.25
-# Elements written per iteration, in units of the state (batch x width): the
-# Anderson history alone is 2 x memory of them (measured: 27 per-sample, 24 joint).
+# Elements written per Anderson iteration, in units of the state (batch x width):
+# its two histories alone are 2 x memory of them (measured: 27 per-sample, 24 joint;
+# a vmap of the whole loop: 47).
 MAX_STATES_PER_ITERATION = 40
 
 _TRIVIAL = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast"}

@@ -226,7 +226,7 @@ class OptimistixBackend(AbstractBackend):
             better = (sq < c.best_sq) & active
             residual_trace = c.residual_trace
             if residual_trace is not None:
-                hit = (jnp.arange(max_steps) == c.step) & active
+                hit = (jnp.arange(max_steps, dtype=c.step.dtype) == c.step) & active
                 residual_trace = jnp.where(
                     hit.reshape((-1,) + (1,) * sq.ndim),
                     jnp.sqrt(sq)[None],

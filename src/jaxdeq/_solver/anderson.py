@@ -246,7 +246,7 @@ class Anderson(optx.AbstractFixedPointSolver[Y, Aux, _AndersonState]):
         # is one fused elementwise pass where a scatter copies and loops. A
         # non-finite evaluation stops the solve (see `terminate`); it is kept out of
         # the history so that nothing computed from here on is NaN.
-        write = (jnp.arange(self.memory) == slot) & finite
+        write = (jnp.arange(self.memory, dtype=slot.dtype) == slot) & finite
         history_y = jnp.where(write[:, None], y_flat[None], state.history_y)
         history_residual = jnp.where(
             write[:, None], residual_flat[None], state.history_residual

@@ -238,7 +238,8 @@ class Broyden(optx.AbstractRootFinder[Y, Y, Aux, _BroydenState]):
         new_u = (dy - h_dg) / jnp.where(update, denominator, 1)
         # A one-hot select rather than `.at[num_updates]`: under `jax.vmap` (a
         # per-sample solve) a scatter with per-sample slots copies and loops.
-        write = ((jnp.arange(self.memory) == num_updates) & update)[:, None]
+        memory = jnp.arange(self.memory, dtype=num_updates.dtype)
+        write = ((memory == num_updates) & update)[:, None]
         u = jnp.where(write, new_u[None], u)
         v = jnp.where(write, new_v[None], v)
         num_updates = num_updates + update.astype(num_updates.dtype)
