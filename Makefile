@@ -38,6 +38,7 @@ format: venv
 
 bench: venv
 	bash benchmarks/envs.sh
+	$(BIN)/python benchmarks/bench_loop.py
 	$(BIN)/python benchmarks/run_all.py
 
 bench-tiny: venv

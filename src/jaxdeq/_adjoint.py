@@ -81,11 +81,15 @@ class AbstractAdjoint(eqx.Module):
     (`forward(...).solver_state`), e.g. Broyden's inverse-Jacobian estimate.
     `differentiates_initial_state`: whether derivatives flow into `z0` (unrolled
     modes); the implicit ones give it none.
+    `differentiates_loop`: whether JAX differentiates through the forward solve's
+    loop (then a per-sample solve is a plain `jax.vmap` of it; otherwise the
+    backend batches the loop itself, see `OptimistixBackend.solve`).
     """
 
     needs_solver_state: ClassVar[bool] = False
     # Whether derivatives flow into the solve's initial state `z0` (a warm start).
     differentiates_initial_state: ClassVar[bool] = False
+    differentiates_loop: ClassVar[bool] = False
 
     def check_solver(self, solver: Any) -> None:
         """Raise a `ValueError` naming `adjoint` if this mode cannot differentiate
@@ -375,6 +379,7 @@ class UnrolledAdjoint(AbstractAdjoint):
     """
 
     differentiates_initial_state: ClassVar[bool] = True
+    differentiates_loop: ClassVar[bool] = True
 
     def loop(self, cond_fun, body_fun, init_val, *, max_steps):
         return scan_while_loop(cond_fun, body_fun, init_val, max_steps=max_steps)

@@ -34,12 +34,16 @@ from ._misc import (
     tree_where,
 )
 from ._solution import RESULTS, first_outcome
-from ._solver import Anderson, Broyden
+from ._solver import Anderson, Broyden, Reversible
 
 Cell = Callable[[PyTree[Array], PyTree], PyTree[Array]]
 # loop(cond_fun, body_fun, init_val, *, max_steps): given by the gradient mode.
 Loop = Callable[..., Any]
 OPTIMISTIX_SOLVERS = (optx.AbstractRootFinder, optx.AbstractFixedPointSolver)
+# Solvers whose `terminate` and `postprocess` read only `state.progress`: once a
+# sample has stopped, the rest of its state (e.g. Anderson's history) is never read
+# again, so a per-sample solve need not freeze it.
+_PROGRESS_ONLY = (Anderson, Broyden, Reversible)
 
 
 class Forward(eqx.Module):
@@ -116,11 +120,14 @@ class AbstractBackend(eqx.Module):
         samples: int,
         solver_state: bool = False,
         anytime: tuple[int, ...] = (),
+        per_sample: bool = False,
     ) -> Forward:
         """Solve for a fixed point of `f(., args)` from `z0`, at most
         `min(budget, max_steps)` steps, inside `loop`; with `solver_state`, also
         return the solver's final state; with `anytime`, what the solve would
-        have returned at each of those budgets."""
+        have returned at each of those budgets. `per_sample`: this call solves one
+        sample of a per-sample solve (`jax.vmap` over the batch) whose loop is not
+        differentiated, so a backend may batch its loop itself."""
 
 
 class _LoopState(eqx.Module):
@@ -168,13 +175,24 @@ class OptimistixBackend(AbstractBackend):
         samples,
         solver_state=False,
         anytime=(),
+        per_sample=False,
     ) -> Forward:
         """With `samples=k > 0`, also returns `k` iterates at the evenly spaced steps
         `ceil(j * max_steps / k)`, `j = 1..k` (the last iterate where the solve
         stopped earlier), for fixed-point correction losses. With
         `anytime=(b_1, ..., b_k)`, also what the solve would have returned with
         each budget `b_j`: the returned state and outcome are computed after every
-        step (`_finish`) and kept at the steps `b_j`."""
+        step (`finish`) and kept at the steps `b_j`.
+
+        With `per_sample`, the loop gets its own batching rule
+        (`jax.custom_batching.custom_vmap`): under `jax.vmap` it runs once for the
+        batch, while any sample is still running, and its body (the per-sample body,
+        vmapped) freezes the samples that have stopped itself. `vmap` of the loop
+        would instead select every leaf of the carry each iteration; here a stopped
+        sample's `y`, outcome and best iterate are frozen, and of the solver's
+        state, for jaxdeq's solvers, only the part that `terminate` and
+        `postprocess` read (`state.progress`): the same per-sample semantics, at
+        the cost of a whole-batch solve."""
         solver = self.solver
         options = dict(self.options)
         tags = frozenset()
@@ -191,7 +209,9 @@ class OptimistixBackend(AbstractBackend):
         dynamic_state, static_state = eqx.partition(state, eqx.is_array)
         done, result = solver.terminate(fn, z0, args, options, state, tags)
         best_sq = jnp.full(aux_struct[1].shape, jnp.inf, aux_struct[1].dtype)
-        limit = max_steps if budget is None else jnp.minimum(budget, max_steps)
+        limit = jnp.asarray(
+            max_steps if budget is None else jnp.minimum(budget, max_steps), jnp.int32
+        )
         sample_steps = jnp.asarray(
             np.ceil(np.arange(1, samples + 1) * (max_steps / max(samples, 1))),
             jnp.int32,
@@ -251,10 +271,14 @@ class OptimistixBackend(AbstractBackend):
             anytime_code=(jnp.zeros((len(anytime),), jnp.int32) if anytime else None),
         )
 
-        def cond_fun(c: _LoopState):
+        def running(c: _LoopState, limit) -> Bool[Array, ""]:
             return ~c.done & (c.result == optx.RESULTS.successful) & (c.step < limit)
 
-        def body_fun(c: _LoopState) -> _LoopState:
+        def body_fun(c: _LoopState, args, limit) -> _LoopState:
+            # A per-sample body also runs for samples that have stopped (when it is
+            # batched by `batched_loop`); otherwise the loop only runs it while
+            # `running`.
+            active = running(c, limit) if per_sample else jnp.array(True)
             state = eqx.combine(c.solver_state, static_state)
             y, state, (y_eval, sq) = solver.step(fn, c.y, args, options, state, tags)
             done, result = solver.terminate(fn, y, args, options, state, tags)
@@ -266,19 +290,38 @@ class OptimistixBackend(AbstractBackend):
                 result,
                 optx.RESULTS.nonfinite,
             )
-            better = sq < c.best_sq  # False for NaN: a non-finite iterate is never best
+            # False for NaN: a non-finite iterate is never best.
+            better = (sq < c.best_sq) & active
             residual_trace = c.residual_trace
             if residual_trace is not None:
-                residual_trace = residual_trace.at[c.step].set(jnp.sqrt(sq))
+                hit = (jnp.arange(max_steps, dtype=c.step.dtype) == c.step) & active
+                residual_trace = jnp.where(
+                    hit.reshape((-1,) + (1,) * sq.ndim),
+                    jnp.sqrt(sq)[None],
+                    residual_trace,
+                )
             sampled = c.sampled
             if samples:
                 # Slot j holds the iterate of step min(sample_steps[j], last step).
-                pending = sample_steps >= c.step + 1
+                pending = (sample_steps >= c.step + 1) & active
                 sampled = _put_where(pending, y, sampled)
+            new_state = eqx.partition(state, eqx.is_array)[0]
+            if per_sample:
+                y = tree_where(active, y, c.y)
+                done = jnp.where(active, done, c.done)
+                result = optx.RESULTS.where(active, result, c.result)
+                if isinstance(solver, _PROGRESS_ONLY) and not solver_state:
+                    new_state = eqx.tree_at(
+                        lambda s: s.progress,
+                        new_state,
+                        tree_where(active, new_state.progress, c.solver_state.progress),
+                    )
+                else:
+                    new_state = tree_where(active, new_state, c.solver_state)
             new = _LoopState(
                 y=y,
-                step=c.step + 1,
-                solver_state=eqx.partition(state, eqx.is_array)[0],
+                step=c.step + active.astype(jnp.int32),
+                solver_state=new_state,
                 best_z=tree_where(better, y_eval, c.best_z, batched=batched),
                 best_sq=jnp.where(better, sq, c.best_sq),
                 best_step=jnp.where(better, c.step, c.best_step),
@@ -293,7 +336,7 @@ class OptimistixBackend(AbstractBackend):
                 # Slot j holds what a solve with budget b_j returns, once b_j steps
                 # have run (slots of budgets the solve never reaches: filled below).
                 z_now, code_now, _, _ = finish(new)
-                hit = budgets == new.step
+                hit = (budgets == new.step) & active
                 new = eqx.tree_at(
                     lambda n: (n.anytime_z, n.anytime_code),
                     new,
@@ -304,7 +347,36 @@ class OptimistixBackend(AbstractBackend):
                 )
             return new
 
-        c = loop(cond_fun, body_fun, init, max_steps=max_steps)
+        def run(init, args, limit):
+            return loop(
+                lambda c: running(c, limit),
+                lambda c: body_fun(c, args, limit),
+                init,
+                max_steps=max_steps,
+            )
+
+        def batched_loop(axis_size, in_batched, init, args, limit):
+            """`run` on a batch of samples: one loop while any sample runs."""
+            init = jtu.tree_map(
+                lambda leaf, b: (
+                    leaf if b else jnp.broadcast_to(leaf, (axis_size, *leaf.shape))
+                ),
+                init,
+                in_batched[0],
+            )
+            axes = [jtu.tree_map(lambda b: 0 if b else None, b) for b in in_batched]
+            out = loop(
+                lambda c: jnp.any(jax.vmap(running, (0, axes[2]))(c, limit)),
+                lambda c: jax.vmap(body_fun, (0, axes[1], axes[2]))(c, args, limit),
+                init,
+                max_steps=max_steps,
+            )
+            return out, jtu.tree_map(lambda _: True, out)
+
+        if per_sample:
+            run = jax.custom_batching.custom_vmap(run)
+            run.def_vmap(batched_loop)
+        c = run(init, args, limit)
         z, code, ran_out, state = finish(c)
         result = optx.RESULTS.where(
             ran_out, optx.RESULTS.nonlinear_max_steps_reached, c.result
@@ -548,8 +620,9 @@ class DiffraxBackend(AbstractBackend):
         samples,
         solver_state=False,
         anytime=(),
+        per_sample=False,
     ) -> Forward:
-        del loop, trace, batched, samples, solver_state, anytime  # checked by config
+        del loop, trace, batched, samples, solver_state, anytime, per_sample
         if budget is not None:
             if not isinstance(budget, int):
                 raise TypeError(

@@ -488,6 +488,7 @@ def _solve(
         samples=config.sample_states,
         solver_state=config.adjoint.needs_solver_state,
         anytime=anytime,
+        per_sample=not problem.joint and not config.adjoint.differentiates_loop,
     )
     if problem.joint:
         args = (ps, problem.st, x)

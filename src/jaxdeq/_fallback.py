@@ -46,9 +46,16 @@ class FallbackBackend(AbstractBackend):
         samples,
         solver_state=False,
         anytime=(),
+        per_sample=False,
     ) -> Forward:
         del samples, solver_state, anytime  # (rejected by the model's config)
-        settings = dict(max_steps=max_steps, batched=batched, trace=trace, samples=0)
+        settings = dict(
+            max_steps=max_steps,
+            batched=batched,
+            trace=trace,
+            samples=0,
+            per_sample=per_sample,
+        )
         first = self.primary.solve(f, z0, args, budget, loop, **settings)
         failed = first.result != RESULTS.successful
         # (per sample, or one flag for a joint solve: its outcome is the batch's)

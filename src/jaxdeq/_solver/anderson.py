@@ -28,6 +28,43 @@ class _AndersonState(eqx.Module):
     progress: Progress
 
 
+def _spd_solve(
+    matrix: Float[Array, "memory memory"], rhs: Float[Array, " memory"]
+) -> Float[Array, " memory"]:
+    """`matrix^{-1} rhs` for a small symmetric positive definite `matrix`, by a
+    Cholesky factorisation written out column by column (`memory` is static).
+
+    Only elementwise operations on vectors of length `memory`: under `jax.vmap` (a
+    per-sample solve) these are fused batched operations, where `jnp.linalg.solve`
+    would call LAPACK's LU once per sample on XLA:CPU. A matrix that is not
+    numerically positive definite gives a non-finite result (the caller falls back).
+    """
+    m = rhs.shape[0]
+    index = jnp.arange(m)
+    columns = []  # columns of the lower-triangular factor L
+    for j in range(m):
+        # L[:, j] = (A[:, j] - sum_{k<j} L[:, k] L[j, k]) / L[j, j], zero above j.
+        column = matrix[:, j]
+        for previous in columns:
+            column = column - previous * previous[j]
+        pivot = jnp.sqrt(column[j])
+        columns.append(jnp.where(index >= j, column / pivot, 0))
+    # L y = rhs, then L^T w = y.
+    y = []
+    for i in range(m):
+        value = rhs[i]
+        for k in range(i):
+            value = value - columns[k][i] * y[k]
+        y.append(value / columns[i][i])
+    w = [None] * m
+    for i in reversed(range(m)):
+        value = y[i]
+        for k in range(i + 1, m):
+            value = value - columns[i][k] * w[k]
+        w[i] = value / columns[i][i]
+    return jnp.stack(w)
+
+
 def _mixing_weights(
     gram: Float[Array, "memory memory"],
     valid: Bool[Array, " memory"],
@@ -56,7 +93,7 @@ def _mixing_weights(
     identity_weight = jnp.where(valid, ridge, 1).astype(gram.dtype)
     matrix = correlation + jnp.diag(identity_weight)
     rhs = jnp.where(valid, 1 / scale, 0)
-    weights = jnp.linalg.solve(matrix, rhs) / scale
+    weights = _spd_solve(matrix, rhs) / scale
     total = jnp.sum(weights)
     ok = jnp.all(jnp.isfinite(weights)) & (total > 0)
     weights = jnp.where(ok, weights / jnp.where(ok, total, 1), fallback)
@@ -204,17 +241,22 @@ class Anderson(optx.AbstractFixedPointSolver[Y, Aux, _AndersonState]):
         y_flat, unravel = ravel(y)
         residual_flat, _ = ravel(residual)
         slot = state.progress.num_steps % self.memory
-        history_y = state.history_y.at[slot].set(y_flat)
-        history_residual = state.history_residual.at[slot].set(residual_flat)
+        # The history is written with a one-hot select rather than `.at[slot]`: under
+        # `jax.vmap` (a per-sample solve) each sample has its own slot, and a select
+        # is one fused elementwise pass where a scatter copies and loops. A
+        # non-finite evaluation stops the solve (see `terminate`); it is kept out of
+        # the history so that nothing computed from here on is NaN.
+        write = (jnp.arange(self.memory, dtype=slot.dtype) == slot) & finite
+        history_y = jnp.where(write[:, None], y_flat[None], state.history_y)
+        history_residual = jnp.where(
+            write[:, None], residual_flat[None], state.history_residual
+        )
         # Only one new row and column of the Gram matrix per step: O(memory * size).
         new_row = history_residual @ residual_flat
-        gram = state.gram.at[slot, :].set(new_row).at[:, slot].set(new_row)
-        # A non-finite evaluation stops the solve (see `terminate`); keep it out of
-        # the history so that nothing computed from here on is NaN.
-        history_y, history_residual, gram = tree_where(
-            finite,
-            (history_y, history_residual, gram),
-            (state.history_y, state.history_residual, state.gram),
+        gram = jnp.where(
+            write[:, None],
+            new_row[None, :],
+            jnp.where(write[None, :], new_row[:, None], state.gram),
         )
 
         valid = jnp.arange(self.memory) < progress.num_steps

@@ -236,11 +236,12 @@ class Broyden(optx.AbstractRootFinder[Y, Y, Aux, _BroydenState]):
             & jnp.isfinite(denominator)
         )
         new_u = (dy - h_dg) / jnp.where(update, denominator, 1)
-        u, v = tree_where(
-            update,
-            (u.at[num_updates].set(new_u), v.at[num_updates].set(new_v)),
-            (u, v),
-        )
+        # A one-hot select rather than `.at[num_updates]`: under `jax.vmap` (a
+        # per-sample solve) a scatter with per-sample slots copies and loops.
+        memory = jnp.arange(self.memory, dtype=num_updates.dtype)
+        write = ((memory == num_updates) & update)[:, None]
+        u = jnp.where(write, new_u[None], u)
+        v = jnp.where(write, new_v[None], v)
         num_updates = num_updates + update.astype(num_updates.dtype)
 
         if self.line_search:
