@@ -191,6 +191,8 @@ def test_store_shapes_lookup_update_and_staleness_under_jit():
     assert warm.tolist() == [True, False]
     np.testing.assert_array_equal(z0[0][0], 1.0)
     assert store.lookup(index, now=5)[1].tolist() == [False, False]  # stale
+    # an entry from a later `now` (a reset counter) is stale too
+    assert store.lookup(index, now=2)[1].tolist() == [False, False]
     kept = store.update(
         jnp.array([0, 2]),
         jax.tree.map(jnp.ones_like, z),
@@ -212,6 +214,11 @@ def test_store_rejects_bad_arguments():
         store.lookup(jnp.array([0.0, 1.0]), now=0)
     with pytest.raises(TypeError, match="now: expected an int"):
         store.lookup(jnp.array([0, 1]), now=1.5)
+    with pytest.raises(ValueError, match="now: expected an int >= 0"):
+        store.update(jnp.array([0, 1]), jnp.zeros((2, 3)), now=-3)
+    with pytest.raises(Exception, match="now: expected an int >= 0"):
+        lookup = jax.jit(lambda s, now: s.lookup(jnp.array([0, 1]), now=now))
+        lookup(store, jnp.int32(-1))[1].block_until_ready()
     with pytest.raises(ValueError, match="z_star: expected states of shape"):
         store.update(jnp.array([0, 1]), jnp.zeros((2, 4)), now=0)
     with pytest.raises(Exception, match=r"index: expected example indices in 0..3"):
@@ -289,6 +296,8 @@ def test_scan_segments_gradients_per_segment_and_through_the_carry():
     assert float(jnp.max(jnp.abs(g[0]))) > 1e-4
     with pytest.raises(ValueError, match="xs: expected segment-first inputs"):
         jaxdeq.scan_segments(model, ps, st, frames[0, 0])
+    with pytest.raises(ValueError, match="xs: expected at least one segment"):
+        jaxdeq.scan_segments(model, ps, st, frames[:0])
 
 
 # --- anytime ------------------------------------------------------------------------
@@ -323,10 +332,10 @@ def test_anytime_states_equal_separate_solves(solver, joint):
 
 def test_anytime_with_a_traced_budget_and_bad_budgets():
     model, ps, st, x = make(max_steps=20)
-    run = jax.jit(lambda b: solve(model, ps, st, x, anytime=(2, 20), max_steps=b)[1])
+    run = jax.jit(lambda b: solve(model, ps, st, x, anytime=(2, 5), max_steps=b)[1])
     solution = run(jnp.int32(5))
     y5, five = solve(model, ps, st, x, max_steps=5)
-    np.testing.assert_array_equal(solution.anytime.z_star[1], y5)  # min(20, budget)
+    np.testing.assert_array_equal(solution.anytime.z_star[1], y5)
     np.testing.assert_array_equal(solution.anytime.nfe[1], five.nfe)
     with pytest.raises(
         ValueError, match=r"anytime: expected a sequence of ints in 1..20"
@@ -334,6 +343,8 @@ def test_anytime_with_a_traced_budget_and_bad_budgets():
         model.apply(ps, st, x, anytime=(0, 4))
     with pytest.raises(ValueError, match=r"<= the per-call max_steps \(4\)"):
         model.apply(ps, st, x, anytime=(2, 8), max_steps=4)
+    with pytest.raises(Exception, match=r"anytime: expected budgets <= the per-call"):
+        run(jnp.int32(3)).anytime.nfe.block_until_ready()
     with pytest.raises(TypeError, match="anytime: expected a sequence of ints"):
         model.apply(ps, st, x, anytime=4)
     with pytest.raises(TypeError, match="anytime: expected a sequence of ints"):

@@ -596,6 +596,12 @@ def solve_equilibrium(
     each of those budgets."""
     budgets = config.anytime(anytime, max_steps)
     budget = config.budget(max_steps)
+    if budgets and isinstance(budget, jax.Array):
+        budget = eqx.error_if(
+            budget,
+            budget < budgets[-1],
+            f"anytime: expected budgets <= the per-call max_steps, got {budgets}",
+        )
     problem = _problem(config, cell, ps, st, x)
     z, out = _solve(config, problem, z0, budget, budgets)
     z, out = _poison_nonfinite_inputs(problem, z0, z, out)

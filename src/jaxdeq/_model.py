@@ -215,14 +215,19 @@ class AbstractEquilibriumModel(AbstractLayer):
             previous frame or epoch), replacing the model's own (`init`: zeros,
             skip-reg or the init layer; `solution.u0` stays the model's own, for
             skip losses). A traced input: a new value does not recompile. From
-            `z0 = z*` of the same input an optimistix-style solve stops after one
-            evaluation (`nfe == 1`: it must evaluate `f` once to see the residual).
+            `z0 = z*` of the same input a fixed-point solver (`jaxdeq.Anderson`,
+            `jaxdeq.Broyden`, `optx.FixedPointIteration`) stops after one
+            evaluation (`nfe == 1`: it must evaluate `f` once to see the residual);
+            `optx.Newton` takes one step (`nfe == 1 + n`), a diffrax solver a few.
             Gradients: implicit modes (`ImplicitAdjoint`, `PhantomGradient`,
             `NeumannGradient`, `ShineGradient`, `OneStepGradient`) give `z0` none,
             as the fixed point does not depend on where the solve started;
             `UnrolledAdjoint`, `ReversibleAdjoint`, `fixed_depth > 0` and the neural
-            ODE (whose output depends on `z0`) differentiate through it. Floating
-            leaves are cast to the state's dtype.
+            ODE (whose output depends on `z0`) differentiate through it. A warm
+            start changes the derivative of modes built from the solve itself:
+            `ShineGradient` uses Broyden's estimate, which a solve of few steps
+            barely updates (from `z0 = z*`, none: the identity, as
+            `OneStepGradient`). Floating leaves are cast to the state's dtype.
         - `warm`: with `z0`, a per-sample `bool` mask of shape `(batch,)`: `True`
             starts the sample from `z0`, `False` from the model's own initial state
             (what [`jaxdeq.FixedPointStore.lookup`][] returns for samples it has

@@ -12,6 +12,7 @@ from ._misc import tree_all_finite
 
 
 def _check_now(now) -> Array:
+    """`now` as an int32 scalar: an int >= 0 (checked at run time when traced)."""
     if isinstance(now, bool) or not (
         isinstance(now, numbers.Integral)
         or (
@@ -24,7 +25,12 @@ def _check_now(now) -> Array:
             f"now: expected an int or a scalar integer array (a step or epoch "
             f"counter), got {now!r}"
         )
-    return jnp.asarray(now, jnp.int32)
+    if isinstance(now, numbers.Integral):
+        if now < 0:
+            raise ValueError(f"now: expected an int >= 0, got {now}")
+        return jnp.asarray(now, jnp.int32)
+    now = jnp.asarray(now, jnp.int32)
+    return eqx.error_if(now, now < 0, "now: expected an int >= 0")
 
 
 class FixedPointStore(eqx.Module):
@@ -37,8 +43,9 @@ class FixedPointStore(eqx.Module):
     Parameters change slowly during training, so the fixed point an example
     reached at its last visit is a close initial state for the next one: fewer
     iterations for the same answer (the solver's tolerance decides the answer, not
-    the start). Entries older than `max_age` (in the units of `now`: epochs or
-    steps) are stale and not used.
+    the start). Entries older than `max_age` (in the units of `now`, an int
+    `>= 0`: epochs or steps), or written at a later `now` than the lookup's (a
+    counter that was reset), are stale and not used.
 
     **Arguments:**
 
@@ -138,7 +145,8 @@ class FixedPointStore(eqx.Module):
         index = self._check_index(index)
         now = _check_now(now)
         written = self.written[index]
-        warm = written >= 0
+        # (an entry written "after" now, e.g. by a counter that was reset, is stale)
+        warm = (written >= 0) & (written <= now)
         if self.max_age is not None:
             warm = warm & (now - written <= self.max_age)
         return jtu.tree_map(lambda leaf: leaf[index], self.z), warm
@@ -155,7 +163,8 @@ class FixedPointStore(eqx.Module):
         stamped `now`: for the samples where `keep` holds (default: every sample
         whose state is finite; e.g. `keep=solution.result == RESULTS.successful`
         to keep converged ones only). Samples not kept leave their entry as it
-        was."""
+        was. An index repeated in one batch stores one of its samples (which one
+        is unspecified, as for any JAX scatter)."""
         index = self._check_index(index)
         now = _check_now(now)
         z_star = jax.lax.stop_gradient(z_star)

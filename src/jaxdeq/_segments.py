@@ -104,6 +104,8 @@ def scan_segments(
             f"{jtu.tree_map(jnp.shape, xs)}"
         )
     lengths = {jnp.shape(leaf)[0] for leaf in leaves}
+    if 0 in lengths:
+        raise ValueError("xs: expected at least one segment, got 0")
     if len(lengths) != 1:
         raise ValueError(
             f"xs: every leaf needs the same number of segments, got {lengths}"

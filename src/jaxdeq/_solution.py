@@ -100,7 +100,9 @@ class DeepEquilibriumSolution(eqx.Module):
     - `relative_residual_norm`: per-sample `||f(z*) - z*|| / ||f(z*)||`.
     - `trace`: per-sample, per-iteration residual 2-norms of the evaluated iterates,
         shape `(batch, max_steps)` (`inf` after a sample stopped), when the model was
-        built with `trace=True`; otherwise `None`.
+        built with `trace=True`; otherwise `None`. With a `fallback` solver,
+        `(batch, 2 * max_steps)`: the primary solve's then the fallback's (`inf`
+        where it did not run).
     - `original`: the backend's own solution object (`optimistix.Solution` without
         solver state, or `diffrax.Solution`), batched over samples in per-sample mode.
     - `fallback`: per-sample `bool`, shape `(batch,)`: whether the sample's solve was
