@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray
 
+from ._init_program import init_program
 from ._multiscale import MultiScaleDeepEquilibriumNetwork
 from ._solution import DeepEquilibriumSolution
 from ._solver import Anderson
@@ -177,7 +178,7 @@ class MDEQImageClassifier(AbstractLayer):
         # solve at init time (as `nn.Chain` would) only costs time.
         stem_key, deq_key, head_key = jax.random.split(key, 3)
         ps, st = {}, {}
-        ps["stem"], st["stem"] = jax.jit(self.stem.init)(stem_key, x)
+        ps["stem"], st["stem"] = init_program(self.stem.init, stem_key, x)
         h = _zeros_like_output(self.stem, ps["stem"], st["stem"], x)
         ps["deq"], st["deq"] = self.deq.init(deq_key, h)
         z = _zeros_like_output(self.deq, ps["deq"], st["deq"], h)
