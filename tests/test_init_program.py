@@ -145,6 +145,9 @@ def test_zoo_classifier_init_matches_the_plain_computation():
     _assert_identical(
         (ps["deq"], st["deq"]), jax.jit(model.deq._init_with_key)(deq_key, h)
     )
+    z = model.deq.apply(ps["deq"], st["deq"], h)[0]
+    z = jax.tree.map(jnp.zeros_like, z)
+    _assert_identical(ps["head"], model.head.init(head_key, z)[0])
 
 
 def test_init_compiles_one_program():
