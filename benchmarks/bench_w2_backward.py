@@ -276,6 +276,16 @@ def main(argv=None) -> int:
             f"{ms(row.get('t_f'))} | "
             f"{ms(row.get('t_vjp'))} | {ms(estimate)} |"
         )
+    ours, theirs = rows[0][1], rows[2][1]
+    if all(ours.get(k) and theirs.get(k) for k in ("train_s", "t_f", "t_vjp")):
+        lines += [
+            "",
+            "jaxdeq / torchdeq: train step "
+            f"{ours['train_s'] / theirs['train_s']:.2f}x, "
+            f"cell evaluation {ours['t_f'] / theirs['t_f']:.2f}x, cell VJP "
+            f"{ours['t_vjp'] / theirs['t_vjp']:.2f}x, backward VJPs "
+            f"{ours['bwd_nfe']} vs {theirs['bwd_nfe']}.",
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
