@@ -227,3 +227,29 @@ def test_trace_time_errors_still_name_the_argument():
     model = _multiscale((4, 3, 2, 1))
     with pytest.raises(ValueError, match="main_layers\\[0\\]"):
         model.init(jax.random.key(0), jnp.ones((12, 5), jnp.float32))
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
+def test_nonfinite_initial_state_still_poisons_its_sample(bad):
+    """The initial-state check (`tree_all_finite_by_sum`, written so that XLA need
+    not fold it element by element when `z0` is a constant) still flags a sample
+    whose `z0` holds a non-finite value, even where the solve itself would converge
+    from it (the cell maps non-finite states to finite ones)."""
+    cell = nn.Parallel(
+        jnp.add,
+        nn.Chain(nn.WrappedFunction(jnp.nan_to_num), nn.Dense(3, 3, jnp.tanh)),
+        nn.NoOpLayer(),
+    )
+    model = jaxdeq.SkipDeepEquilibriumNetwork(
+        cell,
+        nn.WrappedFunction(lambda x: jnp.where(x > 10, bad, 0.1 * x)),
+        jaxdeq.Anderson(rtol=1e-6, atol=1e-8),
+    )
+    x = jnp.array([[0.1, 20.0, 0.3], [0.1, 0.2, 0.3]], jnp.float32)
+    ps, st = model.init(jax.random.key(0), x)
+    z, _, solution = model.apply(ps, st, x, return_solution=True)
+    assert solution.result.tolist() == [
+        int(jaxdeq.RESULTS.nonfinite),
+        int(jaxdeq.RESULTS.successful),
+    ]
+    assert np.all(np.isnan(z[0])) and np.all(np.isfinite(z[1]))
