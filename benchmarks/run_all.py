@@ -588,6 +588,36 @@ def write_plots(records: list[dict], results_dir: Path) -> list[str]:
     return written
 
 
+# Reports a full run regenerates beside the peers' records (each writes one
+# results/*.md, appended to RESULTS.md): (script, workload it needs or None).
+REPORTS = (("bench_compile.py", None), ("bench_w2_backward.py", "w2"))
+
+
+def run_reports(args, results_dir: Path) -> None:
+    """Run each report script (main venv) that the selected workloads call for."""
+    for script, workload in REPORTS:
+        if workload is not None and workload not in args.workloads:
+            continue
+        out = results_dir / (
+            "compile.md" if script == "bench_compile.py" else "w2_backward.md"
+        )
+        command = [sys.executable, str(BENCH_DIR / script), "--out", str(out)]
+        print(f"[run_all] {shlex.join(command)}", flush=True)
+        try:
+            completed = subprocess.run(
+                command,
+                cwd=REPO_ROOT,
+                timeout=args.timeout,
+                text=True,
+                capture_output=True,
+            )
+        except subprocess.TimeoutExpired:
+            print(f"[run_all] {script} timed out", flush=True)
+            continue
+        if completed.returncode != 0:
+            print(f"[run_all] {script} failed:\n{completed.stderr[-2000:]}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", type=_workload_list, default=list(WORKLOADS))
@@ -611,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="per subprocess")
     parser.add_argument(
+        "--no-reports",
+        action="store_true",
+        help="skip the reports that full runs regenerate besides the peers' records "
+        f"({', '.join(name for name, _ in REPORTS)}; never with --tiny)",
+    )
+    parser.add_argument(
         "--render-only",
         action="store_true",
         help="only rewrite RESULTS.md and plots from <out>/results/records.jsonl",
@@ -632,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for workload in args.workloads:
             records += run_peer(peer, workload, args, raw_dir)
+
+    if not (args.tiny or args.render_only or args.no_reports):
+        run_reports(args, results_dir)
 
     records_path = results_dir / "records.jsonl"
     if (args.merge or args.render_only) and records_path.exists():

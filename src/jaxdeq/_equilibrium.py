@@ -26,7 +26,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._backend import OPTIMISTIX_SOLVERS, Forward, make_backend
 from ._fallback import FallbackBackend
-from ._misc import sample_sq_norm, tree_all_finite, tree_sub
+from ._misc import sample_sq_norm, tree_all_finite, tree_all_finite_by_sum, tree_sub
 from ._regularization import JACOBIAN_MODES, jacobian_frobenius_estimate
 from ._solution import RESULTS, AnytimeSolution, DeepEquilibriumSolution
 
@@ -626,7 +626,7 @@ def _poison_nonfinite_inputs(
     ok = (
         shared_ok
         & tree_all_finite(_inexact_leaves(problem.x), batched=True)
-        & tree_all_finite(z0, batched=True)
+        & tree_all_finite_by_sum(z0, batched=True)  # (z0: often a constant)
     )
     ok = jnp.broadcast_to(ok, (batch,))
     if problem.joint:  # one coupled problem: a bad sample spoils every sample

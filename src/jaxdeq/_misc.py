@@ -68,6 +68,23 @@ def tree_all_finite(tree: PyTree[Array], *, batched: bool = False) -> Array:
     return out
 
 
+def tree_all_finite_by_sum(tree: PyTree[Array], *, batched: bool = False) -> Array:
+    """`tree_all_finite`, computed as `isfinite(sum(leaf * 0))` (a NaN or an
+    infinity times 0 is NaN, a finite value times 0 is 0): the same answer, but when
+    the tree is a trace-time constant (a zero initial state) XLA folds it at once,
+    where it folds `all(isfinite(leaf))` element by element in its evaluator: seconds
+    of compilation for a W2 state (32 x 49152)."""
+    out = jnp.array(True)
+    for leaf in jtu.tree_leaves(tree):
+        zero = leaf * jnp.zeros((), leaf.dtype)
+        if batched:
+            ok = jnp.isfinite(jnp.sum(zero.reshape(leaf.shape[0], _trailing(leaf)), 1))
+        else:
+            ok = jnp.isfinite(jnp.sum(zero))
+        out = out & ok
+    return out
+
+
 def zero_cotangent(x: PyTree) -> PyTree:
     """The zero cotangent (or tangent) of a pytree (`float0` for integer and key
     leaves)."""

@@ -19,6 +19,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from jaxtyping import Array, Bool, PRNGKeyArray, PyTree
 
 from ._equilibrium import EquilibriumConfig, check_cell_output, solve_equilibrium
+from ._init_program import init_program
 from ._misc import tree_where
 from ._solution import DeepEquilibriumSolution
 from .nn._core import AbstractLayer, apply_with_solution, check_return_solution
@@ -143,6 +144,10 @@ class AbstractEquilibriumModel(AbstractLayer):
     # The argument named by errors about the cell's output.
     cell_name: ClassVar[str]
     returns_solution: ClassVar[bool] = True
+    # Whether `init` runs the initialisers as one compiled program (many layers),
+    # or eagerly (a few: compiling would cost more, and XLA's fused reductions, e.g.
+    # a weight norm's, may differ from the eager ones in the last bit).
+    init_in_one_program: ClassVar[bool] = False
 
     @abc.abstractmethod
     def _init_layers(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
@@ -178,13 +183,33 @@ class AbstractEquilibriumModel(AbstractLayer):
 
     def init(self, key: PRNGKeyArray, x: Any) -> tuple[PyTree, PyTree]:
         check_input(x)
+        if self.init_in_one_program:
+            # All initialisers as one compiled program whose random draws and their
+            # elementwise chains are shared by all layers (see `_init_program`):
+            # eager initialisation compiles every small op for every shape, and
+            # even under one `jax.jit` XLA compiles a random hash and a chain per
+            # layer. Its values are those of `jax.jit(self._init_with_key)`.
+            ps, st = init_program(self._init_with_key, key, x)
+        else:
+            ps, st = self._init_with_key(key, x)
+        # Trace (not run) the cell as `apply` will call it: a model whose cell or
+        # init layers can't take `x` fails here, naming the argument, rather than at
+        # the first `apply`. (Not the whole `apply`: tracing the solver loop and its
+        # gradient rules would cost as much as the initialisers themselves.)
+        jax.eval_shape(self._check_cell, ps, st, x)
+        return ps, st
+
+    def _init_with_key(self, key: PRNGKeyArray, x: Any) -> tuple[PyTree, PyTree]:
         layers_key, state_key = jax.random.split(key)
         ps, st = self._init_layers(layers_key, x)
         st["key"] = state_key
-        # Trace (not run) one call: a model that can't take `x` fails here, naming
-        # the argument, rather than at the first `apply`.
-        jax.eval_shape(lambda: self.apply(ps, st, x))
         return ps, st
+
+    def _check_cell(self, ps, st, x) -> None:
+        """`apply`'s path up to the solve: prepare, initial state, cell check."""
+        cell_ps, cell_st = self._prepare(self._cell_part(ps), self._cell_part(st))
+        _, z0, _ = self._initial_state(ps, st, cell_ps, cell_st, x)
+        check_cell_output(self._cell, cell_ps, cell_st, z0, x, name=self.cell_name)
 
     def apply(
         self,

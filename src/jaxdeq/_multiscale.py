@@ -257,6 +257,7 @@ class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
         )
 
     cell_name: ClassVar[str] = "main_layers"
+    init_in_one_program: ClassVar[bool] = True
 
     def _fuse(self, z: tuple, x: Any, call: _LayerCall) -> tuple:
         """One application of the map, every layer run through `call`."""
@@ -360,9 +361,8 @@ class MultiScaleDeepEquilibriumNetwork(AbstractEquilibriumModel):
         return self._nest(new_ps), self._nest(new_st)
 
     def _init_layers(self, key: PRNGKeyArray, x: Any) -> tuple[dict, dict]:
-        # One compiled program instead of op-by-op dispatch: eager initialisation of
-        # the N + N^2 (+ N) layers compiles every small op for every shape.
-        return jax.jit(self._layers_init)(key, x)
+        # (traced inside `init`'s one program, see `_model.AbstractEquilibriumModel`)
+        return self._layers_init(key, x)
 
     def _cell_part(self, tree: dict) -> dict:
         return _cell_part(tree)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray
 
+from ._init_program import init_program
 from ._multiscale import MultiScaleDeepEquilibriumNetwork
 from ._solution import DeepEquilibriumSolution
 from ._solver import Anderson
@@ -175,14 +176,17 @@ class MDEQImageClassifier(AbstractLayer):
 
     def init(self, key: PRNGKeyArray, x: Array) -> tuple[dict, dict]:
         # Sample inputs of the next part are zeros of the right shape: running the
-        # solve at init time (as `nn.Chain` would) only costs time.
+        # solve at init time (as `nn.Chain` would) only costs time, and so would
+        # tracing it (the DEQ's output has its state's shapes). Stem and head are
+        # initialised as one compiled program each (see `_init_program`; eagerly,
+        # the head's pooling and initialisers compile op by op).
         stem_key, deq_key, head_key = jax.random.split(key, 3)
         ps, st = {}, {}
-        ps["stem"], st["stem"] = jax.jit(self.stem.init)(stem_key, x)
+        ps["stem"], st["stem"] = init_program(self.stem.init, stem_key, x)
         h = _zeros_like_output(self.stem, ps["stem"], st["stem"], x)
         ps["deq"], st["deq"] = self.deq.init(deq_key, h)
-        z = _zeros_like_output(self.deq, ps["deq"], st["deq"], h)
-        ps["head"], st["head"] = self.head.init(head_key, z)
+        z = self.deq._output(self.deq._zeros(h))
+        ps["head"], st["head"] = init_program(self.head.init, head_key, z)
         return ps, st
 
     def apply(
