@@ -231,7 +231,7 @@ def test_trace_time_errors_still_name_the_argument():
 
 @pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
 def test_nonfinite_initial_state_still_poisons_its_sample(bad):
-    """The initial-state check (`tree_all_finite_by_sum`, written so that XLA need
+    """The initial-state check (`tree_all_finite`, written so that XLA need
     not fold it element by element when `z0` is a constant) still flags a sample
     whose `z0` holds a non-finite value, even where the solve itself would converge
     from it (the cell maps non-finite states to finite ones)."""

@@ -26,7 +26,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._backend import OPTIMISTIX_SOLVERS, Forward, make_backend
 from ._fallback import FallbackBackend
-from ._misc import sample_sq_norm, tree_all_finite, tree_all_finite_by_sum, tree_sub
+from ._misc import sample_sq_norm, tree_all_finite, tree_sub
 from ._regularization import JACOBIAN_MODES, jacobian_frobenius_estimate
 from ._solution import RESULTS, AnytimeSolution, DeepEquilibriumSolution
 
@@ -201,6 +201,16 @@ class EquilibriumConfig(eqx.Module):
             self.backend = _with_fallback(
                 self.backend, fallback, adjoint, fixed_depth, sample_states
             )
+
+    @property
+    def differentiates_initial_state(self) -> bool:
+        """Whether derivatives flow into the solve's initial state: unrolled
+        gradient modes, `fixed_depth > 0` and the neural ODE."""
+        return (
+            self.fixed_depth > 0
+            or self.problem_type == "ode"
+            or self.adjoint.differentiates_initial_state
+        )
 
     def anytime(self, anytime, max_steps) -> tuple[int, ...]:
         """Validate per-call anytime budgets: `None` or a sequence of Python ints in
@@ -626,7 +636,7 @@ def _poison_nonfinite_inputs(
     ok = (
         shared_ok
         & tree_all_finite(_inexact_leaves(problem.x), batched=True)
-        & tree_all_finite_by_sum(z0, batched=True)  # (z0: often a constant)
+        & tree_all_finite(z0, batched=True)
     )
     ok = jnp.broadcast_to(ok, (batch,))
     if problem.joint:  # one coupled problem: a bad sample spoils every sample

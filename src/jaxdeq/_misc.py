@@ -57,23 +57,13 @@ def sample_sq_norm(tree: PyTree[Array], *, batched: bool) -> Array:
 
 def tree_all_finite(tree: PyTree[Array], *, batched: bool = False) -> Array:
     """Whether every element is finite: a scalar, or per sample with `batched`
-    (`True` for an empty tree)."""
-    out = jnp.array(True)
-    for leaf in jtu.tree_leaves(tree):
-        if batched:
-            ok = jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], _trailing(leaf)), 1)
-        else:
-            ok = jnp.all(jnp.isfinite(leaf))
-        out = out & ok
-    return out
+    (`True` for an empty tree).
 
-
-def tree_all_finite_by_sum(tree: PyTree[Array], *, batched: bool = False) -> Array:
-    """`tree_all_finite`, computed as `isfinite(sum(leaf * 0))` (a NaN or an
-    infinity times 0 is NaN, a finite value times 0 is 0): the same answer, but when
+    Computed as `isfinite(sum(leaf * 0))` (a NaN or an infinity times 0 is NaN, a
+    finite value times 0 is 0): the same answer as `all(isfinite(leaf))`, but when
     the tree is a trace-time constant (a zero initial state) XLA folds it at once,
-    where it folds `all(isfinite(leaf))` element by element in its evaluator: seconds
-    of compilation for a W2 state (32 x 49152)."""
+    where it folds `all(isfinite(leaf))` element by element in its evaluator:
+    seconds of compilation for a W2 state (32 x 49152)."""
     out = jnp.array(True)
     for leaf in jtu.tree_leaves(tree):
         zero = leaf * jnp.zeros((), leaf.dtype)

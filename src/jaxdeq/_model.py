@@ -196,7 +196,7 @@ class AbstractEquilibriumModel(AbstractLayer):
         # init layers can't take `x` fails here, naming the argument, rather than at
         # the first `apply`. (Not the whole `apply`: tracing the solver loop and its
         # gradient rules would cost as much as the initialisers themselves.)
-        jax.eval_shape(self._check_cell, ps, st, x)
+        jax.eval_shape(self._start, ps, st, x)
         return ps, st
 
     def _init_with_key(self, key: PRNGKeyArray, x: Any) -> tuple[PyTree, PyTree]:
@@ -205,11 +205,20 @@ class AbstractEquilibriumModel(AbstractLayer):
         st["key"] = state_key
         return ps, st
 
-    def _check_cell(self, ps, st, x) -> None:
-        """`apply`'s path up to the solve: prepare, initial state, cell check."""
+    def _start(self, ps, st, x) -> tuple:
+        """`apply`'s path up to the solve: prepare the cell's layers (once per
+        forward pass, not at every solver iteration; see `AbstractLayer.prepare`),
+        the initial state, the cell check. `(cell_ps, cell_st, u0, z0, st_init)`."""
         cell_ps, cell_st = self._prepare(self._cell_part(ps), self._cell_part(st))
-        _, z0, _ = self._initial_state(ps, st, cell_ps, cell_st, x)
+        u0, z0, st_init = self._initial_state(ps, st, cell_ps, cell_st, x)
         check_cell_output(self._cell, cell_ps, cell_st, z0, x, name=self.cell_name)
+        return cell_ps, cell_st, u0, z0, st_init
+
+    @property
+    def differentiates_initial_state(self) -> bool:
+        """Whether derivatives flow into the solve's initial state (a warm start's
+        `z0`): with an unrolled gradient mode, `fixed_depth > 0` or a neural ODE."""
+        return self.config.differentiates_initial_state
 
     def apply(
         self,
@@ -287,11 +296,7 @@ class AbstractEquilibriumModel(AbstractLayer):
 
     def _apply(self, ps, st, x, max_steps, z0_warm=None, warm=None, anytime=None):
         key, probe_key = jax.random.split(st["key"])
-        # Per-forward work of the cell's layers (weight/spectral normalization) runs
-        # once here, not at every solver iteration; see `AbstractLayer.prepare`.
-        cell_ps, cell_st = self._prepare(self._cell_part(ps), self._cell_part(st))
-        u0, z0, st_init = self._initial_state(ps, st, cell_ps, cell_st, x)
-        check_cell_output(self._cell, cell_ps, cell_st, z0, x, name=self.cell_name)
+        cell_ps, cell_st, u0, z0, st_init = self._start(ps, st, x)
         if z0_warm is not None:
             z0 = warm_start(z0_warm, warm, z0)
         z, new_cell_st, solution = solve_equilibrium(

@@ -11,17 +11,6 @@ from jaxtyping import Array, PyTree
 from .nn._core import AbstractLayer, check_return_solution
 
 
-def _differentiates_z0(model) -> bool:
-    config = getattr(model, "config", None) or getattr(
-        getattr(model, "deq", None), "config", None
-    )
-    return config is not None and (
-        config.fixed_depth > 0
-        or config.problem_type == "ode"
-        or type(config.adjoint).differentiates_initial_state
-    )
-
-
 def scan_segments(
     model: AbstractLayer,
     ps: PyTree,
@@ -88,9 +77,11 @@ def scan_segments(
     check_return_solution(return_solution)
     if not isinstance(carry_gradient, bool):
         raise TypeError(f"carry_gradient: expected a bool, got {carry_gradient!r}")
-    if not getattr(model, "returns_solution", False) or not hasattr(model, "apply"):
+    # (DEQ models, and models around one such as the zoo's classifier, say whether
+    # their solve differentiates its initial state; containers do not take `z0`.)
+    if not hasattr(model, "differentiates_initial_state"):
         raise TypeError(f"model: expected a DEQ model, got {type(model).__name__}")
-    if carry_gradient and not _differentiates_z0(model):
+    if carry_gradient and not model.differentiates_initial_state:
         raise ValueError(
             "carry_gradient: the model's gradient mode gives the initial state no "
             "derivative (the fixed point does not depend on it), so nothing would "

@@ -174,6 +174,11 @@ class MDEQImageClassifier(AbstractLayer):
     head: AbstractLayer
     returns_solution: ClassVar[bool] = True
 
+    @property
+    def differentiates_initial_state(self) -> bool:
+        """Whether derivatives flow into the DEQ's initial state (its warm start)."""
+        return self.deq.differentiates_initial_state
+
     def init(self, key: PRNGKeyArray, x: Array) -> tuple[dict, dict]:
         # Sample inputs of the next part are zeros of the right shape: running the
         # solve at init time (as `nn.Chain` would) only costs time, and so would
