@@ -253,3 +253,35 @@ def test_nonfinite_initial_state_still_poisons_its_sample(bad):
         int(jaxdeq.RESULTS.successful),
     ]
     assert np.all(np.isnan(z[0])) and np.all(np.isfinite(z[1]))
+
+
+def test_init_runs_under_jit_vmap_and_eval_shape():
+    """Inside a transformation the key is a tracer: `init` traces the initialisers
+    into the enclosing program (same values under `jit`) instead of slicing its
+    outputs on the host."""
+    model = jaxdeq.MultiScaleDeepEquilibriumNetwork(
+        (
+            nn.Chain(
+                nn.Parallel(jnp.add, nn.Dense(4, 4, use_bias=False), nn.Dense(4, 4)),
+                nn.WrappedFunction(jnp.tanh),
+            ),
+            nn.Dense(2, 2, activation=jnp.tanh),
+        ),
+        ((nn.NoOpLayer(), nn.Dense(4, 2)), (nn.Dense(2, 4), nn.NoOpLayer())),
+        None,
+        jaxdeq.Anderson(rtol=1e-4, atol=1e-4),
+        ((4,), (2,)),
+    )
+    x = jnp.ones((3, 4), jnp.float32)
+    key = jax.random.key(0)
+    eager = model.init(key, x)
+    jitted = jax.jit(model.init)(key, x)
+    assert jax.tree.structure(jitted) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(eager[0]), jax.tree.leaves(jitted[0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    shapes = jax.eval_shape(model.init, key, x)
+    assert jax.tree.map(lambda s: s.shape, shapes[0]) == jax.tree.map(
+        jnp.shape, eager[0]
+    )
+    batched = jax.vmap(lambda k: model.init(k, x)[0])(jax.random.split(key, 2))
+    assert jax.tree.leaves(batched)[0].shape[0] == 2

@@ -38,6 +38,11 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr"}
 
 def init_program(fn: Callable, *args: Any) -> Any:
     """`fn(*args)`, compiled as one program whose random draws share few hashes."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jtu.tree_leaves(args)):
+        # Inside a transformation (`jax.jit`, `jax.vmap`, `jax.eval_shape` of
+        # `init`): the outputs can't be sliced on the host; the enclosing program
+        # compiles the initialisers as one anyway.
+        return fn(*args)
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     if closed.effects:
         return jax.jit(fn)(*args)
